@@ -1,0 +1,36 @@
+# Two set-up commands for a fresh machine: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG ?= config/relay.dev.yaml
+
+.PHONY: run test lint bench bench-smoke clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	@echo "Starting the hub on $(CONFIG) (ingress http://127.0.0.1:8080, demo sink http://127.0.0.1:9100)."
+	@echo "In another shell:  $(BIN)/relay --config $(CONFIG) send ../shared/samples/order_shipped.json"
+	$(BIN)/relay --config $(CONFIG) up --with-sink
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check relay workers tests bench
+	$(BIN)/mypy relay workers
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench.run --smoke
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

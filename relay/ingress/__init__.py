@@ -1,0 +1,1 @@
+"""The HTTP ingress: verify, validate, dedupe, store, answer."""

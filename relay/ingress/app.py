@@ -1,0 +1,190 @@
+"""The aiohttp application: routes and the answer table of SPEC.md ("Ingress").
+
+Order of checks, cheapest and least revealing first: media type (415), size (413), signature
+header present (401), JSON envelope (400, with the JSON path), signature valid (401), store
+(503 if Redis does not confirm), then 202 or 200 duplicate. A body that fails validation
+still has its signature checked first when it carries an eventId, so an unsigned caller
+learns nothing about the schema beyond "unauthorised".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from relay.config import Config
+from relay.errors import EnvelopeError, SignatureError
+from relay.ingress.store import EventStore, StoreUnavailable
+from relay.keys import Keys
+from relay.metrics import IngressMetrics
+from relay.models import StoredEvent, parse_envelope, peek_event_id
+from relay.signatures import INGRAM_HEADER, IngramSigner
+
+log = logging.getLogger("relay.ingress")
+
+WEBHOOK_ROUTES = (
+    "/resellers/v1/webhooks/orderstatusevent",
+    "/resellers/v1/webhooks/availabilityupdate",
+    "/webhooks/ingram",
+)
+RETRY_AFTER_SECONDS = "5"
+
+CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
+STORE: web.AppKey[EventStore] = web.AppKey("store", EventStore)
+METRICS: web.AppKey[IngressMetrics] = web.AppKey("metrics", IngressMetrics)
+SIGNER: web.AppKey[IngramSigner] = web.AppKey("signer", IngramSigner)
+
+_encode = msgspec.json.encode
+
+
+def _answer(status: int, payload: dict[str, str], headers: dict[str, str] | None = None
+            ) -> web.Response:
+    return web.Response(status=status, body=_encode(payload), headers=headers,
+                        content_type="application/json")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+class WebhookHandler:
+    """Handles every webhook route; ``targeturl`` is never read: callers don't pick targets."""
+
+    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics,
+                 signer: IngramSigner) -> None:
+        self._limit = config.ingress.max_body_bytes
+        self._read_timeout = config.ingress.read_timeout
+        self._store = store
+        self._metrics = metrics
+        self._signer = signer
+
+    async def __call__(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        try:
+            return await self._handle(request)
+        finally:
+            self._metrics.latency.observe(time.perf_counter() - started)
+
+    def _reject(self, status: int, reason: str, error: str,
+                headers: dict[str, str] | None = None, event_id: str | None = None
+                ) -> web.Response:
+        self._metrics.rejected.labels(reason).inc()
+        log.info("rejected", extra={"status": status, "reason": reason, "error": error,
+                                    "eventId": event_id})
+        return _answer(status, {"error": error}, headers)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if not _is_json(request.content_type):
+            return self._reject(415, "media_type",
+                                f"Content-Type must be application/json, got "
+                                f"{request.content_type or 'none'!r}")
+        if request.content_length is not None and request.content_length > self._limit:
+            return self._reject(413, "too_large", f"body is {request.content_length} bytes; "
+                                f"the limit is {self._limit}")
+        signature = request.headers.get(INGRAM_HEADER)
+        if not signature:
+            return self._reject(401, "signature", f"missing {INGRAM_HEADER} header")
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._reject(413, "too_large", f"body exceeds the limit of {self._limit} bytes")
+        except TimeoutError:
+            return self._reject(408, "slow_body", f"body not received within "
+                                f"{self._read_timeout:g}s")
+
+        try:
+            envelope = parse_envelope(body)
+        except EnvelopeError as exc:
+            event_id = peek_event_id(body)
+            if event_id is not None:
+                try:
+                    self._signer.verify(event_id, signature)
+                except SignatureError as sig_exc:
+                    return self._reject(401, "signature", str(sig_exc), event_id=event_id)
+            return self._reject(400, "invalid", str(exc), event_id=event_id)
+
+        event_id = envelope.eventId
+        try:
+            self._signer.verify(event_id, signature)
+        except SignatureError as exc:
+            return self._reject(401, "signature", str(exc), event_id=event_id)
+
+        record = StoredEvent(event_id=event_id, topic=envelope.topic,
+                             event_types=envelope.event_types(), received_at=time.time(),
+                             body=body)
+        try:
+            is_new = await self._store.accept(record)
+        except StoreUnavailable as exc:
+            return self._reject(503, "unavailable", f"event not stored, try again: {exc}",
+                                headers={"Retry-After": RETRY_AFTER_SECONDS}, event_id=event_id)
+        if not is_new:
+            self._metrics.duplicates.inc()
+            log.info("duplicate", extra={"eventId": event_id})
+            return _answer(200, {"eventId": event_id, "status": "duplicate"})
+        self._metrics.accepted.inc()
+        log.info("accepted", extra={"eventId": event_id, "topic": envelope.topic,
+                                    "eventTypes": list(record.event_types)})
+        return _answer(202, {"eventId": event_id, "status": "accepted"})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _answer(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if await request.app[STORE].ping():
+        return _answer(200, {"status": "ready"})
+    return _answer(503, {"status": "unavailable", "error": "redis is not reachable"},
+                   {"Retry-After": RETRY_AFTER_SECONDS})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A client that fails fast, so a dead Redis becomes a prompt 503, not a hung request."""
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+                                   health_check_interval=10, max_connections=64)
+
+
+def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Application:
+    """The ingress app. ``client`` defaults to one built from ``config.redis.url``."""
+    app = web.Application(client_max_size=config.ingress.max_body_bytes)
+    redis = client if client is not None else redis_client(config.redis.url)
+    keys = Keys(queue=config.worker.queue)
+    store = EventStore(redis, keys, config.ingress.dedupe_window, config.redis.retention)
+    app[CONFIG] = config
+    app[STORE] = store
+    app[METRICS] = IngressMetrics()
+    app[SIGNER] = IngramSigner(config.ingress.secrets)
+    handler = WebhookHandler(config, store, app[METRICS], app[SIGNER])
+    for path in WEBHOOK_ROUTES:
+        app.router.add_post(path, handler)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+    async def close_redis(app: web.Application) -> None:
+        await redis.aclose()
+
+    app.on_cleanup.append(close_redis)
+    return app
+
+
+def run_ingress(config: Config, host: str | None = None, port: int | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; then stop accepting and finish what is in flight."""
+    bind_host = host or config.ingress.host
+    bind_port = port or config.ingress.port
+    log.info("ingress listening", extra={"host": bind_host, "port": bind_port,
+                                         "subscribers": [s.name for s in config.subscribers]})
+    web.run_app(create_app(config), host=bind_host, port=bind_port, access_log=None,
+                print=None, shutdown_timeout=15, handle_signals=True)

@@ -1,0 +1,145 @@
+"""The shapes that cross a boundary: Ingram's envelope coming in, the stored event record.
+
+The envelope model validates; it never re-serialises. The hub stores and forwards the exact
+bytes it received, so a field Ingram adds tomorrow reaches subscribers untouched. Fields are
+typed where their shape matters to a consumer and left open (extra keys allowed) elsewhere.
+
+Ingram's own documents disagree on names, types and case (see ``../shared/samples``), so:
+
+* the line number is ``ingramLineNumber``, ``lineNumber`` or ``LineNumber``;
+* quantities are numbers or numeric strings (``""`` too: Ingram sends it for "unknown");
+* ``resource`` is an array (order status, stock) or an object (quote, async order create);
+* ``eventType`` sits at the top level or in each resource item, in any case.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from relay.errors import EnvelopeError
+
+# A quantity: a number, or a string holding one (or empty). Strings with letters are refused.
+Quantity = int | float | Annotated[str, msgspec.Meta(pattern=r"^\s*(-?\d+(\.\d+)?)?\s*$")] | None
+LineNumber = int | str | None
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+Code = Annotated[str, msgspec.Meta(max_length=128)]
+
+
+class _Open(msgspec.Struct, forbid_unknown_fields=False, omit_defaults=True):
+    """Unknown keys are kept in the bytes and ignored here."""
+
+
+class Package(_Open):
+    cartonNumber: str | int | None = None
+    quantityInbox: Quantity = None
+    trackingNumber: str | None = None
+
+
+class Shipment(_Open):
+    shipmentDate: str | None = None
+    carrierCode: str | None = None
+    packageDetails: list[Package] | None = None
+
+
+class Serial(_Open):
+    serialNumber: str | int | None = None
+
+
+class Line(_Open):
+    ingramLineNumber: LineNumber = None
+    lineNumber: LineNumber = None
+    LineNumber: LineNumber = None
+    lineStatus: str | None = None
+    ingramPartNumber: str | None = None
+    vendorPartNumber: str | None = None
+    requestedQuantity: Quantity = None
+    shippedQuantity: Quantity = None
+    backOrderedQuantity: Quantity = None
+    backorderedQuantity: Quantity = None
+    shipmentDetails: list[Shipment] | None = None
+    serialNumberDetails: list[Serial] | None = None
+
+    @property
+    def line_number(self) -> LineNumber:
+        """Whichever of Ingram's three spellings was sent."""
+        for value in (self.ingramLineNumber, self.lineNumber, self.LineNumber):
+            if value is not None:
+                return value
+        return None
+
+
+class Link(_Open):
+    topic: str | None = None
+    href: str | None = None
+    type: str | None = None
+
+
+class Resource(_Open):
+    eventType: Code | None = None
+    orderNumber: str | None = None
+    customerOrderNumber: str | None = None
+    lines: list[Line] | None = None
+    links: list[Link] | None = None
+    ingramPartNumber: str | None = None
+    totalAvailability: Quantity = None
+
+
+class Envelope(_Open):
+    topic: NonEmpty
+    event: Code
+    eventId: NonEmpty
+    eventTimeStamp: str
+    resource: list[Resource] | Resource
+    eventType: Code | None = None
+
+    def resources(self) -> list[Resource]:
+        return self.resource if isinstance(self.resource, list) else [self.resource]
+
+    def event_types(self) -> tuple[str, ...]:
+        """Every eventType in the envelope, lower-cased, top level first, without repeats."""
+        found = [self.eventType] + [r.eventType for r in self.resources()]
+        return tuple(dict.fromkeys(t.lower() for t in found if t))
+
+
+class _IdOnly(msgspec.Struct):
+    eventId: str
+
+
+_envelope_decoder = msgspec.json.Decoder(Envelope)
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    """Validate ``body`` as an envelope. EnvelopeError names what and where (a JSON path)."""
+    try:
+        return _envelope_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise EnvelopeError(f"invalid envelope: {_with_path(str(exc))}") from None
+    except msgspec.DecodeError as exc:
+        raise EnvelopeError(f"body is not valid JSON: {exc}") from None
+
+
+def peek_event_id(body: bytes) -> str | None:
+    """The ``eventId`` of a body that is JSON but not a valid envelope, if it has one."""
+    try:
+        return _id_decoder.decode(body).eventId
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+
+
+def _with_path(message: str) -> str:
+    # msgspec says "Expected `array`, got `int` - at `$.resource[0].lines`"; lead with the path.
+    what, sep, where = message.rpartition(" - at ")
+    return f"{where.strip('`')}: {what}" if sep else f"$: {message}"
+
+
+class StoredEvent(msgspec.Struct, array_like=True, frozen=True):
+    """What the ingress stores per event and the workers read: msgpack under ``event:{id}``."""
+
+    event_id: str
+    topic: str
+    event_types: tuple[str, ...]
+    received_at: float
+    body: bytes

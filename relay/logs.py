@@ -44,3 +44,8 @@ def setup_logging(level: str = "INFO") -> None:
     handler._relay_json = True  # type: ignore[attr-defined]
     root.handlers = [handler]
     root.setLevel(level.upper())
+    if level.upper() != "DEBUG":
+        # Celery logs two lines per task at INFO; at thousands of tasks a second that is
+        # most of the log and a measurable share of the CPU. Our own lines carry the eventId.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(logging.WARNING)

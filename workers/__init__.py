@@ -1,0 +1,1 @@
+"""The Celery side: fan-out, delivery, retry scheduling, dead letters."""

@@ -1,0 +1,125 @@
+"""The Celery app. ``relay worker`` runs it; so does ``celery -A workers.app worker``.
+
+With plain ``celery -A workers.app``, the config comes from ``RELAY_CONFIG`` (default
+``config/relay.yaml``) and the scheduler runs in every worker unless ``RELAY_SCHEDULER=0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Celery, bootsteps, signals
+from celery.exceptions import Reject
+from redis.exceptions import RedisError
+
+from relay.config import Config, config_path, load_config
+from relay.keys import Keys
+from relay.queue import DELIVER_TASK
+from workers.engine import get_engine, shutdown_engine
+from workers.scheduler import Scheduler
+
+log = logging.getLogger("relay.worker")
+
+
+def create_app(config: Config, scheduler: bool = True) -> Celery:
+    app = Celery("relay", broker=config.redis.url, set_as_current=False)
+    app.conf.update(
+        task_default_queue=config.worker.queue,
+        task_ignore_result=True,
+        # At-least-once: a task is acknowledged only once it has leased its attempts, and a
+        # task whose process died is handed out again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=False,
+        worker_prefetch_multiplier=8,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_transport_options={
+            "visibility_timeout": config.worker.visibility_timeout,
+            # Sweep for tasks of dead workers every 5 s (kombu's default sweep is ~100 s).
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+        },
+        worker_enable_remote_control=True,
+    )
+    app.relay_config = config  # type: ignore[attr-defined]
+    app.relay_scheduler = scheduler  # type: ignore[attr-defined]
+
+    @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def deliver(self: Any, event_id: str, subscribers: list[str] | None, attempt: int) -> int:
+        """Lease and start the attempts for one event (all matching, or those named)."""
+        try:
+            return get_engine(config).start(event_id, subscribers, attempt)
+        except (RedisError, OSError) as exc:
+            # Not acknowledged: back to the queue, tried again once Redis answers.
+            raise Reject(repr(exc), requeue=True) from exc
+
+    app.steps["worker"].add(SchedulerStep)
+    return app
+
+
+class SchedulerStep(bootsteps.StartStopStep):
+    """Runs the retry scheduler in the worker's main process, beside the pool."""
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.scheduler: Scheduler | None = None
+        super().__init__(worker, **kwargs)
+
+    def start(self, worker: Any) -> None:
+        app = worker.app
+        if not getattr(app, "relay_scheduler", True):
+            return
+        import redis
+
+        config: Config = app.relay_config
+        client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=2,
+                                      socket_timeout=10)
+        self.scheduler = Scheduler(client, Keys(queue=config.worker.queue))
+        self.scheduler.start()
+        log.info("scheduler started")
+
+    def stop(self, worker: Any) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+
+
+@signals.worker_process_shutdown.connect
+def _drain_child(**_: Any) -> None:
+    shutdown_engine(timeout=30)
+
+
+@signals.worker_shutdown.connect
+def _drain_main(**_: Any) -> None:
+    shutdown_engine(timeout=30)
+
+
+def run_worker(config: Config, concurrency: int | None = None, pool: str | None = None,
+               queue: str | None = None, scheduler: bool = True, log_level: str = "INFO") -> None:
+    app = create_app(config, scheduler=scheduler)
+    argv = [
+        "worker",
+        f"--loglevel={log_level}",
+        f"--pool={pool or config.worker.pool}",
+        f"--concurrency={concurrency or config.worker.concurrency}",
+        f"--queues={queue or config.worker.queue}",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]
+    app.worker_main(argv)
+
+
+_default: Celery | None = None
+
+
+def __getattr__(name: str) -> Celery:
+    """``celery -A workers.app`` finds ``app`` here, built from RELAY_CONFIG on first use."""
+    global _default
+    if name in ("app", "celery"):
+        if _default is None:
+            _default = create_app(load_config(config_path()),
+                                  scheduler=os.environ.get("RELAY_SCHEDULER", "1") != "0")
+        return _default
+    raise AttributeError(name)

@@ -1,0 +1,211 @@
+"""The delivery engine of one worker process: an asyncio loop beside Celery's task thread.
+
+Celery runs tasks synchronously, one at a time per pool slot; a delivery that waits 10 s on a
+slow subscriber would hold that slot and delay every other event behind it. So a task only
+*starts* deliveries: it loads the event, leases every pending (event, subscriber) attempt in
+the schedule (see ``workers/ledger.py``), hands the posts to this process's event loop and
+returns. The loop keeps up to ``worker.max_in_flight`` posts open on one shared
+``aiohttp.ClientSession`` (keep-alive across tasks); when it is full, new tasks wait, which is
+the back-pressure that keeps memory flat. A slow subscriber costs an open socket, not a slot.
+
+Because each attempt is leased in Redis before it starts, a SIGKILL at any moment loses
+nothing: the lease falls due and the scheduler queues the attempt again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from relay.config import Config, Subscriber
+from relay.keys import Keys
+from relay.models import StoredEvent
+from relay.queue import deliver_message
+from workers import http
+from workers.backoff import retry_delay
+from workers.ledger import Attempt, Ledger, now_ms
+from workers.routing import Router
+
+log = logging.getLogger("relay.worker")
+
+#: How long an outcome write is retried while Redis is away before the lease takes over.
+PERSIST_FOR = 120.0
+
+
+class Engine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.keys = Keys(queue=config.worker.queue)
+        self.router = Router(config.subscribers)
+        self._grace = config.worker.lease_grace
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="relay-delivery",
+                                        daemon=True)
+        self._thread.start()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._call(self._setup())
+
+    def _call(self, coro: Awaitable[object]) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    async def _setup(self) -> None:
+        self._slots = asyncio.Semaphore(self.config.worker.max_in_flight)
+        self._redis = aioredis.Redis.from_url(self.config.redis.url, socket_connect_timeout=2,
+                                              socket_timeout=10, health_check_interval=10)
+        self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+
+    # -- called from the Celery task thread -------------------------------------------------
+
+    def start(self, event_id: str, subscribers: list[str] | None, attempt: int) -> int:
+        """Lease and launch the attempts of one task; returns how many were launched."""
+        return int(self._call(self._start(event_id, subscribers, attempt)))  # type: ignore[arg-type]
+
+    def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for in-flight deliveries; returns how many were left."""
+        async def wait() -> int:
+            pending = list(self._tasks)
+            if pending:
+                await asyncio.wait(pending, timeout=timeout)
+            return sum(1 for t in pending if not t.done())
+
+        left = int(self._call(wait()))  # type: ignore[arg-type]
+        self._call(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        return left
+
+    async def _close(self) -> None:
+        await self._session.close()
+        await self._redis.aclose()
+
+    # -- on the loop --------------------------------------------------------------------------
+
+    async def _start(self, event_id: str, names: list[str] | None, attempt: int) -> int:
+        event, done = await self.ledger.load(event_id)
+        if event is None:
+            log.error("event record missing (expired or never stored); nothing to deliver",
+                      extra={"eventId": event_id})
+            return 0
+        targets = self._targets(event, names, done)
+        lost = [s for s in targets if attempt > s.max_attempts]
+        for sub in lost:
+            # Only a lease for an attempt past the last gets here: the worker that made the
+            # last attempt died before it could record the outcome.
+            await self.ledger.dead_letter(event, sub.name, None, None,
+                                          "no outcome recorded for the last attempt")
+            log.warning("dead-lettered", extra={"eventId": event_id, "subscriber": sub.name,
+                                                "reason": "last attempt lost"})
+        live = [s for s in targets if attempt <= s.max_attempts]
+        if not live:
+            return 0
+        for _ in live:
+            await self._slots.acquire()
+        now = now_ms()
+        leases = {sub.name: deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
+                  for sub in live}
+        try:
+            await self.ledger.lease({
+                leases[s.name]: now + int((s.timeout + self._grace) * 1000) for s in live})
+        except BaseException:
+            for _ in live:
+                self._slots.release()
+            raise
+        for sub in live:
+            task = asyncio.create_task(self._deliver(event, sub, attempt, leases[sub.name]))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+        return len(live)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
+
+    def _targets(self, event: StoredEvent, names: list[str] | None, done: set[str]
+                 ) -> list[Subscriber]:
+        if names is None:
+            chosen = self.router.route(event)
+        else:
+            chosen = []
+            for name in names:
+                sub = self.config.subscriber(name)
+                if sub is None:
+                    log.warning("subscriber no longer configured; delivery dropped",
+                                extra={"eventId": event.event_id, "subscriber": name})
+                else:
+                    chosen.append(sub)
+        return [s for s in chosen if s.name not in done]
+
+    async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
+                       lease: bytes) -> None:
+        outcome = await http.attempt(self._session, sub, event)
+        record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms)
+        context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
+                   "status": outcome.status, "error": outcome.error,
+                   "latency_ms": outcome.latency_ms}
+        if outcome.ok:
+            await self._persist(lambda: self.ledger.succeeded(event.event_id, sub.name, lease,
+                                                              record))
+            log.info("delivered", extra=context)
+        elif outcome.gone or attempt >= sub.max_attempts:
+            reason = "410 Gone" if outcome.gone else f"{attempt} attempts failed"
+            await self._persist(lambda: self.ledger.dead_letter(event, sub.name, lease, record,
+                                                                reason))
+            log.warning("dead-lettered", extra={**context, "reason": reason})
+        else:
+            delay = retry_delay(sub.backoff, attempt, outcome.retry_after)
+            due = now_ms() + int(delay * 1000)
+            await self._persist(lambda: self.ledger.retry_at(event.event_id, sub.name, lease,
+                                                             due, record))
+            log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3)})
+
+    async def _persist(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Record an outcome, retrying while Redis is away; the lease covers the rest."""
+        deadline = time.monotonic() + PERSIST_FOR
+        pause = 0.1
+        while True:
+            try:
+                await write()
+                return
+            except (RedisError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    log.error("could not record outcome; the lease will retry it",
+                              extra={"error": repr(exc)})
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
+
+_engine: Engine | None = None
+_engine_pid = 0
+_engine_lock = threading.Lock()
+
+
+def get_engine(config: Config) -> Engine:
+    """This process's engine, created on first use (after a prefork fork, never before)."""
+    global _engine, _engine_pid
+    with _engine_lock:
+        if _engine is None or _engine_pid != os.getpid():
+            _engine, _engine_pid = Engine(config), os.getpid()
+        return _engine
+
+
+def shutdown_engine(timeout: float) -> None:
+    global _engine
+    with _engine_lock:
+        if _engine is not None and _engine_pid == os.getpid():
+            left = _engine.drain(timeout)
+            if left:
+                log.warning("stopped with deliveries in flight; their leases will retry them",
+                            extra={"in_flight": left})
+            _engine = None

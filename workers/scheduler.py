@@ -1,0 +1,80 @@
+"""Moves due attempts from the schedule (a sorted set) into the Celery queue.
+
+One Lua script pops the due members and LPUSHes them onto the queue list in a single atomic
+step, so any number of schedulers may run at once (one per worker) without moving a member
+twice, and a scheduler killed between two steps cannot drop one: there are no two steps.
+This is how delayed retries stay out of workers' memory: Celery's own ETA/countdown on the
+Redis broker parks tasks unacknowledged in a worker and re-delivers them after the
+visibility timeout (Celery docs, "Using Redis: Caveats").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from redis.exceptions import RedisError
+
+from relay.keys import Keys
+
+log = logging.getLogger("relay.scheduler")
+
+MOVE_DUE = """
+local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('LPUSH', KEYS[2], member)
+end
+return #due
+"""
+
+
+class Scheduler:
+    """Polls the schedule every ``interval`` seconds (at once again while it finds a full batch)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys, interval: float = 0.2,
+                 batch: int = 500) -> None:
+        self._client = client
+        self._keys = keys
+        self._interval = interval
+        self._batch = batch
+        self._move = client.register_script(MOVE_DUE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def move_due(self, now_ms: int | None = None) -> int:
+        """Queue every attempt due by ``now_ms`` (up to one batch); returns how many."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        return int(self._move(keys=[self._keys.schedule, self._keys.queue],
+                              args=[now, self._batch]))
+
+    def run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                moved = self.move_due()
+                if failing:
+                    log.info("scheduler reconnected to redis")
+                    failing = False
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("scheduler cannot reach redis; retrying",
+                                extra={"error": repr(exc)})
+                failing = True
+                self._stop.wait(1.0)
+                continue
+            if moved:
+                log.debug("moved due attempts", extra={"moved": moved})
+            if moved < self._batch:
+                self._stop.wait(self._interval)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="relay-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)

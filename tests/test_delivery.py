@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from relay.signatures import IngramSigner, StandardWebhook
-from tests.hub import (STANDARD_SECRET, Sink, event_body, ingress, post, worker,
-                       write_config)
+from tests.hub import STANDARD_SECRET, Sink, event_body, ingress, post, worker, write_config
 
 
 @pytest.fixture

@@ -53,25 +53,25 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     """Base of every config Struct: unknown keys are errors."""
 
 
-class Backoff(_Strict):
+class Backoff(_Strict, frozen=True):
     initial: Duration = Duration(5)
     max: Duration = Duration(3600)
 
 
-class DeliveryDefaults(_Strict):
+class DeliveryDefaults(_Strict, frozen=True):
     timeout: Duration = Duration(10)
     max_attempts: int = 8
     backoff: Backoff = msgspec.field(default_factory=Backoff)
 
 
-class RedisSettings(_Strict):
+class RedisSettings(_Strict, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     #: How long event bodies, attempt logs and done markers are kept (dead letters keep
     #: their own copy of the body until replayed or purged).
     retention: Duration = Duration(14 * 86400)
 
 
-class IngressSettings(_Strict):
+class IngressSettings(_Strict, frozen=True):
     secrets: list[str]
     max_body_bytes: int = 1_048_576
     dedupe_window: Duration = Duration(7 * 86400)
@@ -81,7 +81,7 @@ class IngressSettings(_Strict):
     port: int = 8080
 
 
-class WorkerSettings(_Strict):
+class WorkerSettings(_Strict, frozen=True):
     queue: str = "relay"
     pool: Literal["prefork", "solo", "threads"] = "prefork"
     concurrency: int = 2
@@ -96,7 +96,7 @@ class WorkerSettings(_Strict):
     lease_grace: Duration = Duration(30)
 
 
-class SubscriberSpec(_Strict):
+class SubscriberSpec(_Strict, frozen=True):
     """A subscriber as written in YAML: delivery settings are optional overrides."""
 
     name: str
@@ -126,7 +126,7 @@ class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
     backoff: Backoff
 
 
-class _RawConfig(_Strict):
+class _RawConfig(_Strict, frozen=True):
     ingress: IngressSettings
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     delivery: DeliveryDefaults = msgspec.field(default_factory=DeliveryDefaults)

@@ -22,7 +22,7 @@ from relay.errors import EnvelopeError
 
 # A quantity: a number, or a string holding one (or empty). Strings with letters are refused.
 Quantity = int | float | Annotated[str, msgspec.Meta(pattern=r"^\s*(-?\d+(\.\d+)?)?\s*$")] | None
-LineNumber = int | str | None
+LineNo = int | str | None
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 Code = Annotated[str, msgspec.Meta(max_length=128)]
 
@@ -48,9 +48,9 @@ class Serial(_Open):
 
 
 class Line(_Open):
-    ingramLineNumber: LineNumber = None
-    lineNumber: LineNumber = None
-    LineNumber: LineNumber = None
+    ingramLineNumber: LineNo = None
+    lineNumber: LineNo = None
+    LineNumber: LineNo = None
     lineStatus: str | None = None
     ingramPartNumber: str | None = None
     vendorPartNumber: str | None = None
@@ -62,7 +62,7 @@ class Line(_Open):
     serialNumberDetails: list[Serial] | None = None
 
     @property
-    def line_number(self) -> LineNumber:
+    def line_number(self) -> LineNo:
         """Whichever of Ingram's three spellings was sent."""
         for value in (self.ingramLineNumber, self.lineNumber, self.LineNumber):
             if value is not None:

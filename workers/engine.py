@@ -19,7 +19,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -35,6 +36,7 @@ from workers.ledger import Attempt, Ledger, now_ms
 from workers.routing import Router
 
 log = logging.getLogger("relay.worker")
+T = TypeVar("T")
 
 #: How long an outcome write is retried while Redis is away before the lease takes over.
 PERSIST_FOR = 120.0
@@ -53,8 +55,8 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._call(self._setup())
 
-    def _call(self, coro: Awaitable[object]) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _setup(self) -> None:
         self._slots = asyncio.Semaphore(self.config.worker.max_in_flight)
@@ -68,7 +70,7 @@ class Engine:
 
     def start(self, event_id: str, subscribers: list[str] | None, attempt: int) -> int:
         """Lease and launch the attempts of one task; returns how many were launched."""
-        return int(self._call(self._start(event_id, subscribers, attempt)))  # type: ignore[arg-type]
+        return self._call(self._start(event_id, subscribers, attempt))
 
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for in-flight deliveries; returns how many were left."""
@@ -78,7 +80,7 @@ class Engine:
                 await asyncio.wait(pending, timeout=timeout)
             return sum(1 for t in pending if not t.done())
 
-        left = int(self._call(wait()))  # type: ignore[arg-type]
+        left = self._call(wait())
         self._call(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         return left

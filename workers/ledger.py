@@ -17,10 +17,12 @@ truth for every delivery that is not yet done. Its members are ready-made Celery
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
+from relay.batching import GroupCommit
 from relay.keys import Keys
 from relay.models import StoredEvent
 
@@ -59,61 +61,70 @@ def now_ms() -> int:
 
 
 class Ledger:
+    """Worker-side writes. Outcome writes of concurrent deliveries share round trips
+    (``GroupCommit``); each outcome's commands are ordered so that any prefix of them, left by a
+    Redis that died mid-pipeline, is harmless: the done marker is set before the lease is
+    removed, and a lease is only ever removed last."""
+
     def __init__(self, client: aioredis.Redis, keys: Keys, retention: float) -> None:
         self._r = client
         self._k = keys
         self._retention = int(retention)
+        self._batch = GroupCommit(client)
+
+    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._batch.execute(commands)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
     async def load(self, event_id: str) -> tuple[StoredEvent | None, set[str]]:
         """The event record and the subscribers it was already delivered to."""
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.get(self._k.event(event_id))
-            pipe.hkeys(self._k.done(event_id))
-            raw, done = await pipe.execute()
+        raw, done = await self._run([("GET", self._k.event(event_id)),
+                                     ("HKEYS", self._k.done(event_id))])
         event = _decode_event(raw) if raw else None
         return event, {d.decode() for d in done}
 
     async def lease(self, leases: dict[bytes, int]) -> None:
         """Add the next-attempt messages (``{message: due_ms}``) before attempts start."""
         if leases:
-            await self._r.zadd(self._k.schedule, leases)
+            args: list[Any] = []
+            for member, due in leases.items():
+                args += [due, member]
+            await self._run([("ZADD", self._k.schedule, *args)])
 
     async def succeeded(self, event_id: str, sub: str, lease: bytes, record: Attempt) -> None:
         done = self._k.done(event_id)
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(done, sub, int(record.at * 1000))
-            pipe.expire(done, self._retention)
-            pipe.zrem(self._k.schedule, lease)
-            self._log(pipe, event_id, sub, record)
-            await pipe.execute()
+        await self._run([
+            ("HSET", done, sub, int(record.at * 1000)),
+            ("EXPIRE", done, self._retention),
+            *self._log(event_id, sub, record),
+            ("ZREM", self._k.schedule, lease),
+        ])
 
     async def retry_at(self, event_id: str, sub: str, lease: bytes, due_ms: int,
                        record: Attempt) -> None:
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.zadd(self._k.schedule, {lease: due_ms}, xx=True)
-            pipe.expire(self._k.event(event_id), self._retention)
-            self._log(pipe, event_id, sub, record)
-            await pipe.execute()
+        await self._run([
+            *self._log(event_id, sub, record),
+            ("EXPIRE", self._k.event(event_id), self._retention),
+            ("ZADD", self._k.schedule, "XX", due_ms, lease),
+        ])
 
     async def dead_letter(self, event: StoredEvent, sub: str, lease: bytes | None,
                           record: Attempt | None, reason: str) -> None:
         log_key = self._k.log(event.event_id, sub)
-        async with self._r.pipeline(transaction=True) as pipe:
-            if record is not None:
-                self._log(pipe, event.event_id, sub, record)
-            pipe.lrange(log_key, 0, -1)
-            results = await pipe.execute()
+        logged = self._log(event.event_id, sub, record) if record is not None else []
+        results = await self._run([*logged, ("LRANGE", log_key, 0, -1)])
         attempts = [_decode_attempts(a) for a in reversed(results[-1])]
         letter = DeadLetter(event.event_id, sub, reason, time.time(), attempts, event)
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(self._k.dlq, Keys.dlq_field(event.event_id, sub), _encode(letter))
-            if lease is not None:
-                pipe.zrem(self._k.schedule, lease)
-            await pipe.execute()
+        commands: list[tuple[Any, ...]] = [
+            ("HSET", self._k.dlq, Keys.dlq_field(event.event_id, sub), _encode(letter))]
+        if lease is not None:
+            commands.append(("ZREM", self._k.schedule, lease))
+        await self._run(commands)
 
-    def _log(self, pipe: aioredis.client.Pipeline, event_id: str, sub: str,
-             record: Attempt) -> None:
+    def _log(self, event_id: str, sub: str, record: Attempt) -> list[tuple[Any, ...]]:
         key = self._k.log(event_id, sub)
-        pipe.lpush(key, _encode(record))
-        pipe.ltrim(key, 0, LOG_LENGTH - 1)
-        pipe.expire(key, self._retention)
+        return [("LPUSH", key, _encode(record)), ("LTRIM", key, 0, LOG_LENGTH - 1),
+                ("EXPIRE", key, self._retention)]

@@ -176,7 +176,7 @@ def parse_config(text: str, source: str, environ: Any) -> Config:
 
     tokenised = _ENV_PATTERN.sub(to_token, text)
     try:
-        data = yaml.safe_load(tokenised)
+        data = yaml.load(tokenised, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -190,6 +190,25 @@ def parse_config(text: str, source: str, environ: Any) -> Config:
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(str(exc))}") from exc
     return _resolve(raw, source)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (YAML says keys are unique;
+    PyYAML would silently keep the last one, dropping e.g. a whole ``delivery:`` section)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # an unhashable key: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
@@ -257,6 +276,12 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
         raise fail("ingress.secrets", "at least one non-empty secret is required")
     if raw.ingress.max_body_bytes < 1024:
         raise fail("ingress.max_body_bytes", "must be at least 1024")
+    if raw.ingress.dedupe_window < 1:
+        raise fail("ingress.dedupe_window", "must be at least 1s")
+    if raw.ingress.read_timeout <= 0:
+        raise fail("ingress.read_timeout", "must be greater than 0")
+    if not 1 <= raw.ingress.port <= 65535:
+        raise fail("ingress.port", "must be between 1 and 65535")
     if not raw.redis.url.startswith(("redis://", "rediss://", "unix://")):
         raise fail("redis.url", f"expected redis://, rediss:// or unix://, got {raw.redis.url!r}")
     _check_delivery(raw.delivery.timeout, raw.delivery.max_attempts, raw.delivery.backoff,

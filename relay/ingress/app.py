@@ -168,7 +168,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     app[SIGNER] = IngramSigner(config.ingress.secrets)
     handler = WebhookHandler(config, store, app[METRICS], app[SIGNER])
     for path in WEBHOOK_ROUTES:
-        app.router.add_post(path, handler)
+        app.router.add_post(path, handler.__call__)  # a coroutine function, as aiohttp expects
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

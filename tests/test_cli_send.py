@@ -116,3 +116,9 @@ def test_send_to_unreachable_url_exits_1(tmp_path):
     result = relay_send(str(SAMPLES / "order_shipped.json"), "--url", url, "--secret", SECRET)
     assert result.returncode == 1
     assert "could not post" in result.stderr
+
+
+def test_send_help_documents_url_and_secret():
+    result = relay_send("--help")
+    assert result.returncode == 0
+    assert "--url" in result.stdout and "--secret" in result.stdout

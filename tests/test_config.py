@@ -339,6 +339,15 @@ def test_check_config_lists_subscribers_and_their_filters(tmp_path):
         assert secret not in out and secret not in result.stderr
 
 
+def test_check_config_hides_the_redis_password(tmp_path):
+    text = FULL.replace("${REDIS_URL:-redis://127.0.0.1:6399/3}",
+                        "redis://relay:hunter2@10.0.0.5:6379/0")
+    result = run_relay("check-config", "--config", str(write(tmp_path, text)), env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert "10.0.0.5:6379" in result.stdout
+
+
 def test_check_config_accepts_config_after_the_command_name(tmp_path):
     result = run_relay("check-config", "--config", str(write(tmp_path, FULL)), env=ENV)
     assert result.returncode == 0, result.stderr

@@ -10,6 +10,7 @@ import asyncio
 import gzip
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -592,6 +593,45 @@ def test_redis_stopped_gracefully_also_gives_503_and_recovers(ingress, redis_ser
     client = redis_server.client()
     assert stored(client, event_id).body == body
     client.close()
+
+
+@pytest.mark.fault
+def test_redis_refusing_writes_when_full_gives_503_and_stores_nothing(ingress, redis_server,
+                                                                      redis_client):
+    event_id, body = sample("stock_update.json")
+    redis_client.config_set("maxmemory", "1")  # every write is refused with OOM
+    try:
+        answer = post(ingress.port, body)
+        assert answer.status == 503, answer
+        assert "Retry-After" in answer.headers
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert_nothing_stored(redis_client)
+    assert post(ingress.port, body).status == 202
+    assert stored(redis_client, event_id).body == body
+
+
+@pytest.mark.fault
+def test_hung_redis_gives_503_within_the_client_timeout_not_a_hang(ingress, redis_server,
+                                                                   redis_client):
+    event_id, body = sample("quote_create.json")
+    redis_server.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        answer = post(ingress.port, body)
+        elapsed = time.monotonic() - started
+    finally:
+        redis_server.proc.send_signal(signal.SIGCONT)
+    assert answer.status == 503, answer
+    assert "Retry-After" in answer.headers
+    assert elapsed < 8
+    # the write may have landed once Redis resumed: a retry is then a duplicate, never lost
+    wait_until(lambda: request(ingress.port, "GET", "/readyz").status == 200, 15,
+               what="/readyz to recover")
+    retry = post(ingress.port, body)
+    assert retry.status in (200, 202), retry
+    assert stored(redis_client, event_id).body == body
+    assert [m.event_id for m in queued(redis_client)] == [event_id]
 
 
 # --- metrics ------------------------------------------------------------------------------

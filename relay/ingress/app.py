@@ -121,8 +121,10 @@ class WebhookHandler:
                              body=body)
         try:
             is_new = await self._store.accept(record)
-        except StoreUnavailable as exc:
-            return self._reject(503, "unavailable", f"event not stored, try again: {exc}",
+        except StoreUnavailable:
+            # The store logged the Redis error with the eventId; the caller is not told it.
+            return self._reject(503, "unavailable", "event not stored: storage unavailable, "
+                                f"retry after {RETRY_AFTER_SECONDS}s",
                                 headers={"Retry-After": RETRY_AFTER_SECONDS}, event_id=event_id)
         if not is_new:
             self._metrics.duplicates.inc()

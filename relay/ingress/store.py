@@ -70,6 +70,8 @@ class EventStore:
                                                      "error": repr(exc)})
             raise StoreUnavailable(str(exc)) from exc
         if isinstance(result, Exception):
+            log.warning("redis refused the write", extra={"eventId": event.event_id,
+                                                          "error": repr(result)})
             raise StoreUnavailable(str(result))
         return bool(result)
 

@@ -122,13 +122,15 @@ def worker(concurrency: int | None, pool: str | None, queues: str | None,
 @click.option("--host", default=None, help="Ingress address (default: ingress.host).")
 @click.option("--port", default=None, type=int, help="Ingress port (default: ingress.port).")
 @click.option("--with-sink", is_flag=True,
-              help="Also run the demo sink on 127.0.0.1:9100 (relay.dev.yaml routes to it).")
-def up(host: str | None, port: int | None, with_sink: bool) -> None:
+              help="Also run the demo sink on 127.0.0.1 (relay.dev.yaml routes to port 9100).")
+@click.option("--sink-port", default=9100, show_default=True, type=int,
+              help="Port of the demo sink started by --with-sink.")
+def up(host: str | None, port: int | None, with_sink: bool, sink_port: int) -> None:
     """Run ingress, worker and scheduler together (starts redis-server under ./var/ if needed)."""
     config = get_config()
     from relay.up import run_up
 
-    sys.exit(run_up(config, host=host, port=port, with_sink=with_sink,
+    sys.exit(run_up(config, host=host, port=port, with_sink=with_sink, sink_port=sink_port,
                     log_level=click.get_current_context().find_root().obj["log_level"]))
 
 

@@ -61,7 +61,7 @@ def start_local_redis(url: str, var_dir: Path) -> subprocess.Popen[bytes]:
 
 
 def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
-           log_level: str = "INFO", var_dir: Path = Path("var")) -> int:
+           log_level: str = "INFO", var_dir: Path = Path("var"), sink_port: int = 9100) -> int:
     started: list[tuple[str, subprocess.Popen[bytes]]] = []
     if not _reachable(config.redis.url):
         started.append(("redis", start_local_redis(config.redis.url, var_dir)))
@@ -69,7 +69,7 @@ def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
             "--config", config.source]
     commands = []
     if with_sink:
-        commands.append(("sink", [*base, "sink"]))
+        commands.append(("sink", [*base, "sink", "--port", str(sink_port)]))
     commands.append(("worker", [*base, "worker"]))
     ingress = [*base, "ingress"]
     if host:

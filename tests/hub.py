@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +56,9 @@ class Sink:
         self.port = free_port()
         self.received: list[Received] = []
         self._behaviour: dict[str, Callable[[int], Reply]] = {}
+        self._per_event: dict[str, Callable[[str, int], Reply]] = {}
         self._counts: dict[str, int] = {}
+        self._event_counts: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -67,6 +70,11 @@ class Sink:
     def behave(self, path: str, fn: Callable[[int], Reply]) -> None:
         with self._lock:
             self._behaviour[path] = fn
+
+    def behave_per_event(self, path: str, fn: Callable[[str, int], Reply]) -> None:
+        """``fn(event_id, request_number_for_that_event_on_that_path) -> Reply``."""
+        with self._lock:
+            self._per_event[path] = fn
 
     def on(self, path: str) -> list[Received]:
         with self._lock:
@@ -83,7 +91,17 @@ class Sink:
             n = self._counts.get(request.path, 0) + 1
             self._counts[request.path] = n
             fn = self._behaviour.get(request.path)
-        reply = fn(n) if fn else Reply()
+            per_event = self._per_event.get(request.path)
+            choose: Callable[[], Reply] = functools.partial(fn, n) if fn else Reply
+            if per_event is not None:
+                try:
+                    event_id = str(msgspec.json.decode(body)["eventId"])
+                except (msgspec.DecodeError, KeyError, TypeError):
+                    event_id = ""
+                m = self._event_counts.get((request.path, event_id), 0) + 1
+                self._event_counts[(request.path, event_id)] = m
+                choose = functools.partial(per_event, event_id, m)
+        reply = choose()
         if reply.delay:
             await asyncio.sleep(reply.delay)
         with self._lock:
@@ -173,3 +191,46 @@ def post(url: str, body: bytes, secret: str = INGRESS_SECRET) -> tuple[int, dict
             return resp.status, msgspec.json.decode(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, msgspec.json.decode(exc.read() or b"{}")
+
+
+def enqueue_event(client: Any, body: bytes, queue: str = "relay") -> str:
+    """Store an event and queue its fan-out with the ingress's own store, without its HTTP."""
+    import redis.asyncio as aioredis
+
+    from relay.ingress.store import EventStore
+    from relay.keys import Keys
+    from relay.models import StoredEvent, parse_envelope
+
+    envelope = parse_envelope(body)
+    record = StoredEvent(event_id=envelope.eventId, topic=envelope.topic,
+                         event_types=envelope.event_types(), received_at=time.time(), body=body)
+    params = client.connection_pool.connection_kwargs
+
+    async def accept() -> bool:
+        aclient = aioredis.Redis(host=params.get("host", "127.0.0.1"),
+                                 port=params.get("port", 6379), db=params.get("db", 0))
+        try:
+            return await EventStore(aclient, Keys(queue=queue), 86400, 86400).accept(record)
+        finally:
+            await aclient.aclose()
+
+    assert asyncio.run(accept()), f"{envelope.eventId} was stored before"
+    return envelope.eventId
+
+
+def attempt_log(client: Any, event_id: str, subscriber: str) -> list[Any]:
+    """The attempt records of (event, subscriber), oldest first."""
+    from relay.keys import Keys
+    from workers.ledger import Attempt
+
+    raw = client.lrange(Keys().log(event_id, subscriber), 0, -1)
+    return [msgspec.msgpack.decode(r, type=Attempt) for r in reversed(raw)]
+
+
+def dead_letters(client: Any) -> dict[tuple[str, str], Any]:
+    """Every dead letter, keyed (event_id, subscriber)."""
+    from relay.keys import Keys
+    from workers.ledger import decode_dead_letter
+
+    letters = [decode_dead_letter(v) for v in client.hvals(Keys().dlq)]
+    return {(d.event_id, d.subscriber): d for d in letters}

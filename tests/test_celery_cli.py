@@ -1,0 +1,42 @@
+"""``celery -A workers.app worker``: the plain Celery command line runs the same hub worker."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from tests.hub import Reply, Sink, attempt_log, enqueue_event, event_body, write_config
+from tests.support import process, wait_until
+
+
+def test_plain_celery_worker_with_relay_config_env_delivers_and_retries(
+        tmp_path: Path, redis_server, redis_client) -> None:
+    sink = Sink().start()
+    try:
+        config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+            {"name": "cli", "url": sink.url("/cli"), "secret": "celery-cli-secret"},
+        ], delivery={"timeout": "2s", "max_attempts": 3,
+                     "backoff": {"initial": "100ms", "max": "200ms"}})
+        # The first attempt fails: the retry needs the scheduler, which runs in this worker too.
+        sink.behave("/cli", lambda n: Reply(500 if n == 1 else 200))
+        log = tmp_path / "celery.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
+               "--loglevel", "INFO", "--without-gossip", "--without-mingle",
+               "--without-heartbeat"]
+        with process(cmd, env={"RELAY_CONFIG": str(config)}, log_path=log) as proc:
+            wait_until(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 30,
+                       what="celery worker ready")
+            assert proc.poll() is None, log.read_text()
+            enqueue_event(redis_client, event_body("EVCELERYCLI"))
+            got = sink.wait_for("/cli", 2, timeout=15)
+            wait_until(lambda: redis_client.hexists("relay:done:EVCELERYCLI", "cli"), 10,
+                       what="done marker")
+        assert proc.returncode is not None
+    finally:
+        sink.stop()
+    assert [r.body for r in got] == [event_body("EVCELERYCLI")] * 2
+    assert [(a.attempt, a.status) for a in attempt_log(redis_client, "EVCELERYCLI", "cli")] \
+        == [(1, 500), (2, 200)]
+    text = log.read_text()
+    assert "relay.deliver" in text  # the task is registered under its wire name
+    assert "scheduler started" in text

@@ -26,11 +26,18 @@ lint: $(STAMP)
 	$(BIN)/ruff check relay workers tests bench
 	$(BIN)/mypy relay workers
 
-bench: $(STAMP)
-	$(BIN)/python -m bench.run
+# The bench also needs the bench extra (matplotlib for the chart, py-spy for --profile).
+BENCH_STAMP := $(VENV)/.installed-bench
 
-bench-smoke: $(STAMP)
-	$(BIN)/python -m bench.run --smoke
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+bench-smoke: $(BENCH_STAMP)
+	$(BIN)/python -m bench.run --smoke --out var/bench-smoke $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,322 @@
+"""The bench's outputs: targets (PASS/MISS), a text table, docs/benchmarks.md and the chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+BEGIN = "<!-- bench:begin (written by python -m bench.run; edits inside are overwritten) -->"
+END = "<!-- bench:end -->"
+
+INGRESS_RATIO = 0.5
+E2E_RATIO = 0.45
+P99_MS = 50.0
+RSS_DRIFT = 0.10
+
+
+def _get(d: Any, *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(d, dict) or k not in d or d[k] is None:
+            return None
+        d = d[k]
+    return d
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    ing = _ratio(_get(r, "ingress", "everysec", "events_per_s"), _get(r, "ceiling", "rps"))
+    out.append({"name": "ingress events/s >= 0.5 x bare aiohttp ceiling", "value": ing,
+                "target": f">= {INGRESS_RATIO}",
+                "pass": None if ing is None else ing >= INGRESS_RATIO})
+    e2e = _ratio(_get(r, "e2e", "10", "deliveries_per_s"), _get(r, "egress", "posts_per_s"))
+    out.append({"name": "e2e deliveries/s at fan-out 10 >= 0.45 x raw egress ceiling",
+                "value": e2e, "target": f">= {E2E_RATIO}",
+                "pass": None if e2e is None else e2e >= E2E_RATIO})
+    for fo in ("1", "10"):
+        p99 = _get(r, "latency", fo, "p99_ms")
+        out.append({"name": f"p99 ingress-202 -> sink at half load, fan-out {fo} <= 50 ms",
+                    "value": p99, "target": f"<= {P99_MS:g} ms",
+                    "pass": None if p99 is None else p99 <= P99_MS})
+    for role in ("worker", "ingress"):
+        change = _get(r, "long", role, "change")
+        out.append({"name": f"{role} RSS flat over the long run (last vs first quarter)",
+                    "value": change, "target": f"within +-{RSS_DRIFT:.0%}",
+                    "pass": None if change is None else abs(change) <= RSS_DRIFT})
+    return out
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def _n(v: float | None, unit: str = "", digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}{unit}"
+
+
+def _mb(kb: float | None) -> str:
+    return "-" if not kb else f"{kb / 1024:,.1f} MB"
+
+
+def rows(r: dict[str, Any]) -> list[list[str]]:
+    """[measure, value, reference, ratio, target, result]."""
+    out: list[list[str]] = []
+    ceiling = _get(r, "ceiling", "rps")
+    out.append(["bare aiohttp handler (ceiling)", _n(ceiling, " req/s"), "", "", "", ""])
+    t = {x["name"]: x for x in targets(r)}
+    for mode in ("everysec", "always"):
+        ing = _get(r, "ingress", mode)
+        if not ing:
+            continue
+        ratio = _ratio(ing["events_per_s"], ceiling)
+        stored = f"{ing['stored']:,}/{ing['requests']:,} stored"
+        if mode == "everysec":
+            tt = t["ingress events/s >= 0.5 x bare aiohttp ceiling"]
+            target, result = tt["target"], _verdict(tt["pass"])
+        else:
+            target, result = "(info)", ""
+        out.append([f"ingress, appendfsync {mode} ({stored})", _n(ing["events_per_s"],
+                    " events/s"), _n(ceiling, " req/s"), _n(ratio, "", 2), target, result])
+    egress = _get(r, "egress", "posts_per_s")
+    out.append(["raw aiohttp client -> sinks (egress ceiling)", _n(egress, " posts/s"),
+                "", "", "", ""])
+    for fo in ("1", "10", "50"):
+        e = _get(r, "e2e", fo)
+        if not e:
+            continue
+        ratio = _ratio(e["deliveries_per_s"], egress)
+        target, result = "", ""
+        if fo == "10":
+            tt = t["e2e deliveries/s at fan-out 10 >= 0.45 x raw egress ceiling"]
+            target, result = tt["target"], _verdict(tt["pass"])
+        out.append([f"end to end, fan-out {fo} ({e['events']:,} events, "
+                    f"{e['received']:,}/{e['expected']:,} delivered)",
+                    _n(e["deliveries_per_s"], " deliveries/s"), _n(egress, " posts/s"),
+                    _n(ratio, "", 2), target, result])
+    for fo in ("1", "10"):
+        lat = _get(r, "latency", fo)
+        if not lat:
+            continue
+        tt = t[f"p99 ingress-202 -> sink at half load, fan-out {fo} <= 50 ms"]
+        out.append([f"latency 202 -> sink, fan-out {fo}, open loop at "
+                    f"{lat['events_per_s']:,.0f} events/s ({lat['deliveries']:,} deliveries)",
+                    f"p50 {_n(lat['p50_ms'], ' ms', 1)}, p99 {_n(lat['p99_ms'], ' ms', 1)}",
+                    "", "", tt["target"] + " (p99)", _verdict(tt["pass"])])
+    rss = r.get("rss") or {}
+    for role, label in (("ingress", "ingress"), ("worker", "worker, all processes")):
+        if role in rss:
+            out.append([f"peak RSS, {label}", _mb(rss[role]["peak_kb"]),
+                        f"largest process VmHWM {_mb(rss[role]['max_process_hwm_kb'])}",
+                        "", "", ""])
+    long = r.get("long")
+    if long:
+        for role in ("worker", "ingress"):
+            m = long.get(role)
+            if not m:
+                continue
+            tt = t[f"{role} RSS flat over the long run (last vs first quarter)"]
+            out.append([f"long run RSS, {role} ({long['received']:,} deliveries in "
+                        f"{long['seconds']:,.0f}s)",
+                        f"{_mb(m['q1_mean_kb'])} -> {_mb(m['q4_mean_kb'])}",
+                        "first -> last quarter", f"{m['change']:+.1%}", tt["target"],
+                        _verdict(tt["pass"])])
+    return out
+
+
+HEADER = ["measure", "value", "reference", "ratio", "target", "result"]
+
+
+def table_text(r: dict[str, Any]) -> str:
+    body = rows(r)
+    widths = [max(len(row[i]) for row in [HEADER, *body]) for i in range(len(HEADER))]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    out.append(line)
+    for t in r.get("targets", []):
+        out.append(f"{_verdict(t['pass']):4}  {t['name']}: {t['value']}")
+    cpu = cpu_rows(r)
+    if cpu:
+        head = ["cores used", *CPU_ROLES, "total", "CPU us/item"]
+        widths = [max(len(row[i]) for row in [head, *cpu]) for i in range(len(head))]
+        out.append("")
+        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+                for row in [head, *cpu]]
+    return "\n".join(out)
+
+
+def table_markdown(r: dict[str, Any]) -> str:
+    out = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows(r)]
+    return "\n".join(out)
+
+
+CPU_ROLES = ("bare", "ingress", "worker", "worker:main", "redis", "sink0", "loadgen")
+#: Processes that are the system under test (or the ceiling's server) in each phase.
+_SERVING = ("bare", "ingress", "worker", "redis")
+
+
+def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
+    """[phase, cores per role..., total]: where the machine's cores went in each phase."""
+    phases: list[tuple[str, dict[str, float] | None, float | None]] = [
+        ("ceiling (bare aiohttp)", _get(r, "ceiling", "cpu_cores"), _get(r, "ceiling", "rps")),
+        ("ingress everysec", _get(r, "ingress", "everysec", "cpu_cores"),
+         _get(r, "ingress", "everysec", "events_per_s")),
+        ("ingress always", _get(r, "ingress", "always", "cpu_cores"),
+         _get(r, "ingress", "always", "events_per_s")),
+        ("egress ceiling", _get(r, "egress", "cpu_cores"), _get(r, "egress", "posts_per_s")),
+    ] + [(f"end to end fan-out {fo}", _get(r, "e2e", fo, "cpu_cores"),
+          _get(r, "e2e", fo, "deliveries_per_s")) for fo in ("1", "10", "50")]
+    out = []
+    for name, cores, per_s in phases:
+        if not cores:
+            continue
+        cells = [f"{cores[k]:.2f}" if k in cores else "" for k in CPU_ROLES]
+        total = sum(v for k, v in cores.items() if ":" not in k)
+        # CPU time per item of the serving processes (for the egress ceiling: the client's).
+        serving = (cores.get("loadgen", 0.0) if name.startswith("egress")
+                   else sum(cores.get(k, 0.0) for k in _SERVING))
+        per_item = f"{serving / per_s * 1e6:,.0f}" if per_s else ""
+        out.append([name, *cells, f"{total:.2f}", per_item])
+    return out
+
+
+def cpu_markdown(r: dict[str, Any]) -> str:
+    body = cpu_rows(r)
+    if not body:
+        return ""
+    head = ["phase", *[c.replace("sink0", "sinks") for c in CPU_ROLES], "total", "CPU µs/item"]
+    out = ["", "CPU used in each phase, in cores (2 = the whole machine), from /proc/<pid>/stat "
+           "of each process tree (the load generator's from its own process time; "
+           "`worker:main` is Celery's main process, included in `worker`). CPU µs/item: CPU "
+           "time of the serving processes (bare or ingress + worker + redis; for the egress "
+           "ceiling the client's) per request, event or delivery: less noisy than rates.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
+def _profile_markdown(r: dict[str, Any]) -> str:
+    prof = r.get("profile")
+    if not prof:
+        return ""
+    out = ["", "### Profile of this run (py-spy, share of samples)", ""]
+    for role, label in (("ingress", "Ingress at saturation"),
+                        ("worker-fo1", "Worker (all processes) at fan-out 1"),
+                        ("worker-fo10", "Worker (all processes) at fan-out 10")):
+        p = prof.get(role)
+        if not p:
+            continue
+        out.append(f"**{label}** ({p['samples']:,} busy samples; "
+                   f"{p.get('waiting_samples', 0):,} more of threads waiting left out)")
+        out.append("")
+        out.append("| self time by package | % | self time by function | % |")
+        out.append("|---|---|---|---|")
+        pk, fn = p["self_by_package"][:10], p["self_by_function"][:10]
+        for i in range(max(len(pk), len(fn))):
+            a = pk[i] if i < len(pk) else ["", ""]
+            b = fn[i] if i < len(fn) else ["", ""]
+            out.append(f"| {a[0]} | {a[1]} | `{b[0]}` | {b[1]} |")
+        out.append("")
+        out.append("By process and thread: "
+                   + ", ".join(f"{k} {v}%" for k, v in p.get("by_thread", [])))
+        out.append("")
+        out.append("Inclusive: " + ", ".join(f"`{k}` {v}%" for k, v in p["inclusive"] if v))
+        out.append("")
+    return "\n".join(out)
+
+
+def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
+    m = r.get("meta", {})
+    redis = m.get("redis", {})
+    lines = [
+        BEGIN,
+        f"## Latest run: {m.get('date', '?')}",
+        "",
+        f"`{m.get('command', 'python -m bench.run')}` on {m.get('nproc')} cores "
+        f"({m.get('cpu')}), Python {m.get('python')}, aiohttp {m.get('aiohttp')}, "
+        f"Celery {m.get('celery')}, redis-server {redis.get('version', '?')} "
+        f"(appendonly {redis.get('appendonly', '?')}, appendfsync "
+        f"{redis.get('appendfsync', '?')}), commit {m.get('commit')}, load average at start "
+        f"{m.get('loadavg_at_start')}, {m.get('bench_seconds', '?')} s in all.",
+        "",
+        table_markdown(r),
+        "",
+    ]
+    lines += [f"- **{_verdict(t['pass'])}** {t['name']}: {t['value']}"
+              for t in r.get("targets", [])]
+    if r.get("failures"):
+        lines += ["", "Failed checks: " + "; ".join(r["failures"])]
+    lines.append(cpu_markdown(r))
+    if chart is not None:
+        lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
+    lines.append(_profile_markdown(r))
+    lines.append(END)
+    return "\n".join(lines)
+
+
+INTRO = """# Benchmarks
+
+`make bench` (`python -m bench.run`) measures the hub on this machine in one run and sets each
+figure against a ceiling measured in the same run, since other work on a shared 2-core box makes
+absolute figures noisy. `python -m bench.run --help` lists the knobs; `--smoke` runs it all tiny.
+"""
+
+
+def write_markdown(r: dict[str, Any], path: Path, chart: Path | None) -> Path:
+    """Replace the generated block of ``path`` (or create it); text outside is kept."""
+    block = block_markdown(r, chart)
+    text = path.read_text() if path.exists() else INTRO + "\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+    return path
+
+
+def chart(r: dict[str, Any], path: Path) -> Path | None:
+    """Deliveries/s against fan-out, with the egress ceiling; matplotlib if it is there."""
+    fanouts = [fo for fo in ("1", "10", "50") if _get(r, "e2e", fo)]
+    if not fanouts:
+        return None
+    values = [r["e2e"][fo]["deliveries_per_s"] for fo in fanouts]
+    egress = _get(r, "egress", "posts_per_s")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from bench.png import bar_chart
+
+        print("matplotlib is not installed (pip install '.[bench]'): drawing a plain chart")
+        return bar_chart(path, values, egress, egress * E2E_RATIO if egress else None)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    bars = ax.bar([f"fan-out {fo}" for fo in fanouts], values, color="#1f77b4",
+                  label="end to end (ingress -> Redis -> workers -> sinks)")
+    for bar, v in zip(bars, values, strict=True):
+        ax.annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
+                    va="bottom", fontsize=9)
+    if egress:
+        ax.axhline(egress, color="grey", linestyle="--",
+                   label=f"raw aiohttp egress ceiling ({egress:,.0f}/s)")
+        ax.axhline(egress * E2E_RATIO, color="#d62728", linestyle=":",
+                   label=f"target at fan-out 10: {E2E_RATIO} x ceiling")
+    ax.set_ylabel("deliveries/s")
+    m = r.get("meta", {})
+    ax.set_title(f"Deliveries/s against fan-out ({m.get('nproc')} cores, {m.get('date', '')})",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_ylim(0, max([*values, egress or 0]) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -131,7 +131,29 @@ WAITING = {
 }
 
 
-def summarise(raw: Path, focus: list[str], top: int = 15) -> dict[str, Any]:
+Stages = list[tuple[str, list[str]]]
+
+
+#: Frames that dispatch work (an event loop running a callback, Celery's consumer loop, a
+#: pool process's loop): what is above them is the same for every sample and is not matched.
+DISPATCH = ("Handle._run ", "Hub.create_loop ", "Worker.workloop ")
+
+
+def stage_of(names: list[str], stages: Stages, default: str) -> str:
+    """The first stage (in the order given) with a marker in the frames below the dispatch."""
+    cut = 0
+    for i, name in enumerate(names):
+        if name.startswith(DISPATCH):
+            cut = i + 1
+    below = names[cut:]
+    for label, markers in stages:
+        if any(m in name for name in below for m in markers):
+            return label
+    return default
+
+
+def summarise(raw: Path, focus: list[str], top: int = 15, stages: Stages | None = None,
+              default_stage: str = "other") -> dict[str, Any]:
     """Self time by package and by function; inclusive time of the ``focus`` functions.
 
     Shares are of the *busy* samples (stacks not ending in a ``WAITING`` frame).
@@ -146,8 +168,12 @@ def summarise(raw: Path, focus: list[str], top: int = 15) -> dict[str, Any]:
     by_func: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_where: Counter[str] = Counter()
+    by_stage: Counter[str] = Counter()
     for frames, n in stacks:
         by_where[where(frames)] += n
+        if stages:
+            labels = [f"{f} ({short_file(p)})" for f, p in frames]
+            by_stage[stage_of(labels, stages, default_stage)] += n
         func, file = frames[-1]
         by_pkg[package_of(file)] += n
         by_func[f"{func} ({short_file(file)})"] += n
@@ -161,6 +187,7 @@ def summarise(raw: Path, focus: list[str], top: int = 15) -> dict[str, Any]:
 
     return {"samples": total, "waiting_samples": waiting,
             "by_thread": pct(by_where, 10),
+            "by_stage": pct(by_stage, 20),
             "self_by_package": pct(by_pkg, top),
             "self_by_function": pct(by_func, top),
             "inclusive": [[k, round(100 * inclusive[k] / total, 1)] for k in focus]}

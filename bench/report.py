@@ -223,6 +223,11 @@ def _profile_markdown(r: dict[str, Any]) -> str:
             b = fn[i] if i < len(fn) else ["", ""]
             out.append(f"| {a[0]} | {a[1]} | `{b[0]}` | {b[1]} |")
         out.append("")
+        if p.get("by_stage"):
+            out.append("| stage | % of busy samples |")
+            out.append("|---|---|")
+            out += [f"| {k} | {v} |" for k, v in p["by_stage"]]
+            out.append("")
         out.append("By process and thread: "
                    + ", ".join(f"{k} {v}%" for k, v in p.get("by_thread", [])))
         out.append("")

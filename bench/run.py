@@ -405,7 +405,8 @@ class Bench:
                      deadline=seconds + 2, on_start=start)
         rec[0].wait()
         self.flush()
-        self.results.setdefault("profile", {})["ingress"] = summarise(raw, INGRESS_FOCUS)
+        self.results.setdefault("profile", {})["ingress"] = summarise(
+            raw, INGRESS_FOCUS, stages=INGRESS_STAGES, default_stage=INGRESS_DEFAULT_STAGE)
         flame_svg(raw, out_dir / "ingress.svg", "ingress at saturation")
         self.say(f"ingress profile: {out_dir / 'ingress.svg'}")
 
@@ -431,8 +432,8 @@ class Bench:
         rec[0].wait()
         self.sinks.wait_count(n * fanout, 120)
         self.sinks.reset()
-        self.results.setdefault("profile", {})[f"worker-fo{fanout}"] = summarise(raw,
-                                                                                 WORKER_FOCUS)
+        self.results.setdefault("profile", {})[f"worker-fo{fanout}"] = summarise(
+            raw, WORKER_FOCUS, stages=WORKER_STAGES, default_stage=WORKER_DEFAULT_STAGE)
         svg = out_dir / f"worker-fo{fanout}.svg"
         flame_svg(raw, svg, f"worker (all processes) at fan-out {fanout}")
         self.say(f"worker profile: {svg}")
@@ -492,6 +493,38 @@ INGRESS_FOCUS = [
     "RequestHandler.data_received", "_answer", "_SelectorSocketTransport.write", "observe",
     "Logger.",
 ]
+#: What each busy sample of a process was doing: the first stage with a marker in the frames
+#: below the dispatching loop (so the order matters: specific stages first).
+INGRESS_STAGES = [
+    ("validate the envelope (msgspec)", ["parse_envelope", "Envelope.event_types"]),
+    ("verify the signature (HMAC-SHA512)", ["IngramSigner.verify"]),
+    ("build the record and Celery message (uuid, JSON, msgpack)",
+     ["task_message", "deliver_message", "uuid.py"]),
+    ("asyncio.timeout around the body read", ["asyncio/timeouts.py"]),
+    ("Redis: pack and send the group commit, read replies", ["_flush_all", "redis/"]),
+    ("metrics and logging", ["prometheus_client", "logging/"]),
+    ("handler, rest", ["WebhookHandler", "EventStore", "_answer", "relay/batching.py",
+                       "relay/keys.py", "relay/models.py", "relay/signatures.py"]),
+    ("aiohttp HTTP server (parse, route, respond)", ["aiohttp/", "yarl/", "multidict/"]),
+]
+INGRESS_DEFAULT_STAGE = "asyncio event loop and socket I/O"
+WORKER_STAGES = [
+    ("kombu: unacked bookkeeping per message (QoS.append)", ["QoS.append"]),
+    ("kombu: ack per message (QoS.ack)", ["QoS.ack"]),
+    ("kombu: one BRPOP per message", ["_brpop", "_register_BRPOP"]),
+    ("hop between Celery's task thread and the delivery loop",
+     ["Engine._call", "_write_to_self", "Condition.notify", "run_coroutine_threadsafe"]),
+    ("HTTP post to the subscriber (aiohttp client, signing)",
+     ["attempt (workers/http.py)", "aiohttp/"]),
+    ("Redis from the delivery loop (load, lease, outcomes)",
+     ["redis/asyncio/", "_flush_all", "workers/ledger.py"]),
+    ("delivery engine, rest", ["workers/engine.py", "workers/routing.py", "relay/queue.py",
+                               "relay/batching.py", "relay/models.py", "relay/signatures.py"]),
+    ("Celery task trace in the pool process", ["celery/app/trace.py"]),
+    ("billiard: task to the pool process and back", ["billiard/", "asynpool.py"]),
+    ("Celery consumer, rest (kombu/celery main loop)", ["kombu/", "celery/", "redis/"]),
+]
+WORKER_DEFAULT_STAGE = "asyncio event loop and socket I/O"
 WORKER_FOCUS = [
     "Engine._start", "Engine._deliver", "attempt (workers/http.py)", "signed_headers",
     "_flush_all", "_send_packed_command", "Ledger.", "deliver_message", "Router.route",

@@ -1,0 +1,56 @@
+"""Re-render the report from a saved run: ``python -m bench.render [--profile DIR]``.
+
+Reads ``bench/results/latest.json`` (or ``--json``), re-summarises the py-spy stacks kept in
+``--profile DIR`` if given (``ingress.raw.txt``, ``worker-fo1.raw.txt``, ...), and writes the
+JSON back, ``docs/benchmarks.md`` and the chart, as ``python -m bench.run`` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bench import report
+from bench.procs import ROOT
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.render", description=__doc__)
+    p.add_argument("--json", default=str(ROOT / "bench" / "results" / "latest.json"))
+    p.add_argument("--md", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--png", default=str(ROOT / "docs" / "benchmarks-fanout.png"))
+    p.add_argument("--profile", default=None, metavar="DIR")
+    args = p.parse_args(argv)
+    path = Path(args.json)
+    results = json.loads(path.read_text())
+    if args.profile:
+        from bench.profile import summarise
+        from bench.run import (
+            INGRESS_DEFAULT_STAGE,
+            INGRESS_FOCUS,
+            INGRESS_STAGES,
+            WORKER_DEFAULT_STAGE,
+            WORKER_FOCUS,
+            WORKER_STAGES,
+        )
+
+        prof = results.setdefault("profile", {})
+        for raw in sorted(Path(args.profile).glob("*.raw.txt")):
+            role = raw.name.removesuffix(".raw.txt")
+            if role == "ingress":
+                prof[role] = summarise(raw, INGRESS_FOCUS, stages=INGRESS_STAGES,
+                                       default_stage=INGRESS_DEFAULT_STAGE)
+            else:
+                prof[role] = summarise(raw, WORKER_FOCUS, stages=WORKER_STAGES,
+                                       default_stage=WORKER_DEFAULT_STAGE)
+        path.write_text(json.dumps(results, indent=1) + "\n")
+    results["targets"] = report.targets(results)
+    chart = report.chart(results, Path(args.png))
+    report.write_markdown(results, Path(args.md), chart)
+    print(report.table_text(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,10 @@ event:{id}             string  msgpack StoredEvent, expires after ``redis.retent
 done:{id}              hash    subscriber -> unix ms of the 2xx (never deliver twice)
 log:{id}:{sub}         list    msgpack Attempt records, newest first, bounded
 schedule               zset    pending attempt -> due unix ms (retries *and* in-flight leases)
+unclaimed              zset    queued message -> unix ms when it is queued again unless a
+                               worker has taken it by then (kombu pops a message and records
+                               it as unacknowledged in two steps: a worker killed between
+                               them would otherwise lose it)
 dlq                    hash    "{sub}\\n{id}" -> msgpack DeadLetter
 {queue}                list    Celery (kombu) messages, LPUSHed by ingress and scheduler
 =====================  ======  ==============================================================
@@ -40,6 +44,10 @@ class Keys:
     @property
     def schedule(self) -> str:
         return f"{self.prefix}schedule"
+
+    @property
+    def unclaimed(self) -> str:
+        return f"{self.prefix}unclaimed"
 
     @property
     def dlq(self) -> str:

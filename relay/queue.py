@@ -27,6 +27,7 @@ DELIVER_TASK = "relay.deliver"
 _ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = msgspec.json.encode
+_ID_NAMESPACE = uuid.UUID("5c1d3f4e-0d5e-4b8e-9a57-6d2f0b9b7a10")
 
 
 def deliver_message(queue: str, event_id: str, subscribers: list[str] | None,
@@ -35,12 +36,19 @@ def deliver_message(queue: str, event_id: str, subscribers: list[str] | None,
 
     ``subscribers`` None means "every subscriber whose filters match" (the first fan-out);
     a list names the subscribers to try (a retry, a replay, or a lease that expired).
+
+    The same arguments always give the same bytes (the task id is derived from them), so a
+    worker can name, from its task's arguments alone, the member it must remove from
+    ``unclaimed`` (see ``relay/keys.py``) and a lease written twice is one member, not two.
     """
-    return task_message(queue, DELIVER_TASK, [event_id, subscribers, attempt])
+    args = [event_id, subscribers, attempt]
+    task_id = str(uuid.uuid5(_ID_NAMESPACE, f"{queue}\n{_encode(args).decode()}"))
+    return task_message(queue, DELIVER_TASK, args, task_id, origin="relay")
 
 
-def task_message(queue: str, task: str, args: list[Any]) -> bytes:
-    task_id = str(uuid.uuid4())
+def task_message(queue: str, task: str, args: list[Any], task_id: str | None = None,
+                 origin: str = _ORIGIN) -> bytes:
+    task_id = task_id or str(uuid.uuid4())
     body = _encode([args, {}, _EMBED]).decode()
     return _encode({
         "body": body,
@@ -50,7 +58,7 @@ def task_message(queue: str, task: str, args: list[Any]) -> bytes:
             "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
             "expires": None, "group": None, "group_index": None, "retries": 0,
             "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-            "argsrepr": repr(args), "kwargsrepr": "{}", "origin": _ORIGIN,
+            "argsrepr": repr(args), "kwargsrepr": "{}", "origin": origin,
             "ignore_result": True,
         },
         "properties": {

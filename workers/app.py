@@ -12,6 +12,8 @@ from typing import Any
 
 from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
+from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relay.config import Config, config_path, load_config
@@ -21,6 +23,36 @@ from workers.engine import get_engine, shutdown_engine
 from workers.scheduler import Scheduler
 
 log = logging.getLogger("relay.worker")
+
+
+def _detached_channel_is_a_connection_error() -> None:
+    """Keep a worker consuming after Redis dies under load (kombu 5.7; found by tests/fault).
+
+    When Redis goes away while a BRPOP is in flight, Celery's reconnect detaches the kombu
+    transport from its connection (``transport.client = None``) while the old channel still has
+    work to do: closing it restores the prefetched, unacknowledged messages, and a task that
+    ends after the reconnect rejects or acks its message on it. Each needs a Redis client, and
+    building one reads the detached connection's parameters: AttributeError. That is not a
+    connection error, so Celery logs "Unrecoverable error" and the worker stops consuming for
+    good while its process lives on. Raise the connection error this is: Celery then logs it
+    and reconnects, and the messages stay in kombu's ``unacked`` hash in Redis, handed out
+    again after the visibility timeout.
+    """
+    channel = kombu_redis.Channel
+    if getattr(channel._connparams, "_relay", False):
+        return
+    original = channel._connparams
+
+    def _connparams(self: Any, asynchronous: bool = False) -> Any:
+        if self.connection.client is None:
+            raise RedisConnectionError("the broker connection of this channel is closed")
+        return original(self, asynchronous)
+
+    _connparams._relay = True  # type: ignore[attr-defined]
+    channel._connparams = _connparams  # type: ignore[method-assign]
+
+
+_detached_channel_is_a_connection_error()
 
 
 def create_app(config: Config, scheduler: bool = True) -> Celery:
@@ -78,7 +110,8 @@ class SchedulerStep(bootsteps.StartStopStep):
         config: Config = app.relay_config
         client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=2,
                                       socket_timeout=10)
-        self.scheduler = Scheduler(client, Keys(queue=config.worker.queue))
+        self.scheduler = Scheduler(client, Keys(queue=config.worker.queue),
+                                   redeliver_after=config.worker.visibility_timeout)
         self.scheduler.start()
         log.info("scheduler started")
 

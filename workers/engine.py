@@ -92,10 +92,14 @@ class Engine:
     # -- on the loop --------------------------------------------------------------------------
 
     async def _start(self, event_id: str, names: list[str] | None, attempt: int) -> int:
+        # This task's own message: noted in ``unclaimed`` when queued, dropped from it here
+        # (with the leases below) so it is not queued again (see workers/scheduler.py).
+        taken = deliver_message(self.keys.queue, event_id, names, attempt)
         event, done = await self.ledger.load(event_id)
         if event is None:
             log.error("event record missing (expired or never stored); nothing to deliver",
                       extra={"eventId": event_id})
+            await self.ledger.lease({}, taken)
             return 0
         targets = self._targets(event, names, done)
         lost = [s for s in targets if attempt > s.max_attempts]
@@ -108,6 +112,7 @@ class Engine:
                                                 "reason": "last attempt lost"})
         live = [s for s in targets if attempt <= s.max_attempts]
         if not live:
+            await self.ledger.lease({}, taken)
             return 0
         for _ in live:
             await self._slots.acquire()
@@ -116,7 +121,8 @@ class Engine:
                   for sub in live}
         try:
             await self.ledger.lease({
-                leases[s.name]: now + int((s.timeout + self._grace) * 1000) for s in live})
+                leases[s.name]: now + int((s.timeout + self._grace) * 1000) for s in live},
+                taken)
         except BaseException:
             for _ in live:
                 self._slots.release()

@@ -86,13 +86,19 @@ class Ledger:
         event = _decode_event(raw) if raw else None
         return event, {d.decode() for d in done}
 
-    async def lease(self, leases: dict[bytes, int]) -> None:
-        """Add the next-attempt messages (``{message: due_ms}``) before attempts start."""
+    async def lease(self, leases: dict[bytes, int], taken: bytes | None = None) -> None:
+        """Add the next-attempt messages (``{message: due_ms}``) before attempts start, then
+        drop ``taken`` (the message of the task doing this) from ``unclaimed``."""
+        commands: list[tuple[Any, ...]] = []
         if leases:
             args: list[Any] = []
             for member, due in leases.items():
                 args += [due, member]
-            await self._run([("ZADD", self._k.schedule, *args)])
+            commands.append(("ZADD", self._k.schedule, *args))
+        if taken is not None:
+            commands.append(("ZREM", self._k.unclaimed, taken))
+        if commands:
+            await self._run(commands)
 
     async def succeeded(self, event_id: str, sub: str, lease: bytes, record: Attempt) -> None:
         done = self._k.done(event_id)

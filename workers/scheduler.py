@@ -6,6 +6,11 @@ twice, and a scheduler killed between two steps cannot drop one: there are no tw
 This is how delayed retries stay out of workers' memory: Celery's own ETA/countdown on the
 Redis broker parks tasks unacknowledged in a worker and re-delivers them after the
 visibility timeout (Celery docs, "Using Redis: Caveats").
+
+A moved member is also noted in ``unclaimed`` until a worker's task takes it (the engine
+removes it with the leases it writes): kombu pops a message and only then records it as
+unacknowledged, so a worker killed between the two would lose it. The same script queues
+again any member left unclaimed past ``redeliver_after``.
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ MOVE_DUE = """
 local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
   redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[3], ARGV[3], member)
   redis.call('LPUSH', KEYS[2], member)
 end
-return #due
+local lost = redis.call('ZRANGE', KEYS[3], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(lost) do
+  redis.call('ZADD', KEYS[3], ARGV[3], member)
+  redis.call('LPUSH', KEYS[2], member)
+end
+return {#due, #lost}
 """
 
 
@@ -35,8 +46,9 @@ class Scheduler:
     """Polls the schedule every ``interval`` seconds (at once again while it finds a full batch)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, interval: float = 0.2,
-                 batch: int = 500) -> None:
+                 batch: int = 500, redeliver_after: float = 60.0) -> None:
         self._client = client
+        self._redeliver_ms = int(redeliver_after * 1000)
         self._keys = keys
         self._interval = interval
         self._batch = batch
@@ -45,10 +57,18 @@ class Scheduler:
         self._thread: threading.Thread | None = None
 
     def move_due(self, now_ms: int | None = None) -> int:
-        """Queue every attempt due by ``now_ms`` (up to one batch); returns how many."""
+        """Queue every attempt due by ``now_ms`` (up to one batch); returns how many.
+
+        Each moved member is also noted in ``unclaimed``; one that no worker took within
+        ``redeliver_after`` (popped by a worker that died before kombu recorded it) is queued
+        again and counted too.
+        """
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        return int(self._move(keys=[self._keys.schedule, self._keys.queue],
-                              args=[now, self._batch]))
+        due, lost = self._move(keys=[self._keys.schedule, self._keys.queue, self._keys.unclaimed],
+                               args=[now, self._batch, now + self._redeliver_ms])
+        if lost:
+            log.warning("queued again: messages no worker took", extra={"count": int(lost)})
+        return int(due) + int(lost)
 
     def run(self) -> None:
         failing = False

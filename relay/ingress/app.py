@@ -34,6 +34,10 @@ WEBHOOK_ROUTES = (
     "/webhooks/ingram",
 )
 RETRY_AFTER_SECONDS = "5"
+#: After answering a request whose body was not read to the end (413, 408), aiohttp reads and
+#: discards what keeps coming for this long before closing, so the client can read the answer.
+#: aiohttp's default, 10 s, let a slow-drip sender hold a connection 10 s past read_timeout.
+LINGERING_SECONDS = 2.0
 
 CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 STORE: web.AppKey[EventStore] = web.AppKey("store", EventStore)
@@ -98,6 +102,11 @@ class WebhookHandler:
         except TimeoutError:
             return self._reject(408, "slow_body", f"body not received within "
                                 f"{self._read_timeout:g}s")
+        except web.RequestPayloadError:
+            # e.g. "Content-Encoding: gzip" on bytes that are not gzip (was a 500).
+            encoding = request.headers.get("Content-Encoding", "none")
+            return self._reject(400, "bad_body", f"body could not be decoded "
+                                f"(Content-Encoding: {encoding[:40]!r})")
 
         try:
             envelope = parse_envelope(body)
@@ -163,7 +172,8 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     app = web.Application(client_max_size=config.ingress.max_body_bytes)
     redis = client if client is not None else redis_client(config.redis.url)
     keys = Keys(queue=config.worker.queue)
-    store = EventStore(redis, keys, config.ingress.dedupe_window, config.redis.retention)
+    store = EventStore(redis, keys, config.ingress.dedupe_window, config.redis.retention,
+                       redeliver_after=config.worker.visibility_timeout)
     app[CONFIG] = config
     app[STORE] = store
     app[METRICS] = IngressMetrics()
@@ -189,4 +199,5 @@ def run_ingress(config: Config, host: str | None = None, port: int | None = None
     log.info("ingress listening", extra={"host": bind_host, "port": bind_port,
                                          "subscribers": [s.name for s in config.subscribers]})
     web.run_app(create_app(config), host=bind_host, port=bind_port, access_log=None,
-                print=None, shutdown_timeout=15, handle_signals=True)
+                print=None, shutdown_timeout=15, handle_signals=True,
+                lingering_time=LINGERING_SECONDS)

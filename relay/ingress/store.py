@@ -1,7 +1,8 @@
 """Durable, deduplicating writes of accepted events.
 
 One Lua script per event does, atomically: ``SET seen NX EX window``; if that was new,
-store the event record and LPUSH its fan-out task onto the Celery queue. "Stored" and
+store the event record, LPUSH its fan-out task onto the Celery queue and note it in
+``unclaimed`` (queued again if no worker takes it: see ``relay/keys.py``). "Stored" and
 "queued" therefore never disagree, even if Redis dies mid-way (a script's effects are written
 to the AOF as one MULTI/EXEC). Concurrent requests share round trips (``relay.batching``).
 """
@@ -26,6 +27,7 @@ STORE_SCRIPT = """
 if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[1]) then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
   redis.call('LPUSH', KEYS[3], ARGV[5])
+  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[5])
   return 1
 end
 return 0
@@ -41,8 +43,10 @@ class StoreUnavailable(Exception):
 
 class EventStore:
     def __init__(self, client: aioredis.Redis, keys: Keys, dedupe_seconds: float,
-                 retention_seconds: float) -> None:
+                 retention_seconds: float, redeliver_after: float = 60.0) -> None:
         self._client = client
+        #: A fan-out message no worker has taken within this long is queued again.
+        self._redeliver_ms = int(redeliver_after * 1000)
         self._keys = keys
         self._dedupe = max(1, int(dedupe_seconds))
         self._retention = max(self._dedupe, int(retention_seconds))
@@ -54,10 +58,11 @@ class EventStore:
         Raises StoreUnavailable when Redis does not confirm: the caller must answer 503.
         """
         k = self._keys
-        command = ("EVALSHA", STORE_SHA, 3,
-                   k.seen(event.event_id), k.event(event.event_id), k.queue,
+        command = ("EVALSHA", STORE_SHA, 4,
+                   k.seen(event.event_id), k.event(event.event_id), k.queue, k.unclaimed,
                    self._dedupe, self._retention, str(int(event.received_at)),
-                   _encode_record(event), deliver_message(k.queue, event.event_id, None, 1))
+                   _encode_record(event), deliver_message(k.queue, event.event_id, None, 1),
+                   int(event.received_at * 1000) + self._redeliver_ms)
         try:
             (result,) = await self._batch.execute([command])
             if isinstance(result, NoScriptError):

@@ -1,0 +1,23 @@
+# The relay image: one image for the ingress and the worker (docker-compose.yml picks the command).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    RELAY_CONFIG=/app/config/relay.yaml
+
+WORKDIR /app
+
+# Install the project (pyproject.toml names README.md as its readme, so it is copied too).
+COPY pyproject.toml README.md ./
+COPY relay ./relay
+COPY workers ./workers
+RUN pip install . \
+    && useradd --system --uid 10001 --home-dir /app relay
+
+# The config is not baked in: docker-compose.yml mounts ./config read-only on /app/config,
+# and secrets come from the environment (.env), never from the image.
+USER relay
+EXPOSE 8080
+CMD ["relay", "--help"]

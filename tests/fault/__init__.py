@@ -1,0 +1,1 @@
+"""Fault and bad-input suite: real Redis, workers and sinks broken on purpose."""

@@ -85,7 +85,8 @@ class WorkerSettings(_Strict, frozen=True):
     queue: str = "relay"
     pool: Literal["prefork", "solo", "threads"] = "prefork"
     concurrency: int = 2
-    #: Deliveries one worker process keeps in flight at once; past this it stops taking tasks.
+    #: Deliveries one worker process keeps in flight at once, shared equally among subscribers;
+    #: past its share, a subscriber's attempts wait in the Redis schedule.
     max_in_flight: int = 1000
     #: Broker visibility timeout: a task fetched by a worker that died is handed out again
     #: after this long. Kept short so a SIGKILLed worker's tasks come back within the

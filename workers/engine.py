@@ -5,8 +5,10 @@ slow subscriber would hold that slot and delay every other event behind it. So a
 *starts* deliveries: it loads the event, leases every pending (event, subscriber) attempt in
 the schedule (see ``workers/ledger.py``), hands the posts to this process's event loop and
 returns. The loop keeps up to ``worker.max_in_flight`` posts open on one shared
-``aiohttp.ClientSession`` (keep-alive across tasks); when it is full, new tasks wait, which is
-the back-pressure that keeps memory flat. A slow subscriber costs an open socket, not a slot.
+``aiohttp.ClientSession`` (keep-alive across tasks), shared equally among subscribers: an
+attempt whose subscriber has its whole share in flight is parked in the schedule, paced at the
+rate that subscriber answers, so memory stays flat and a slow subscriber fills only its own
+share. A slow subscriber costs open sockets, never another subscriber's turn.
 
 Because each attempt is leased in Redis before it starts, a SIGKILL at any moment loses
 nothing: the lease falls due and the scheduler queues the attempt again.
@@ -15,8 +17,10 @@ nothing: the lease falls due and the scheduler queues the attempt again.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -38,6 +42,10 @@ from workers.routing import Router
 log = logging.getLogger("relay.worker")
 T = TypeVar("T")
 
+#: Latency assumed for a subscriber not yet heard from (s), and the spread added to parked
+#: attempts' due times (ms) so that they do not return in one wave.
+INITIAL_LATENCY = 0.1
+PARK_JITTER_MS = 200
 #: How long an outcome write is retried while Redis is away before the lease takes over.
 PERSIST_FOR = 120.0
 
@@ -59,7 +67,14 @@ class Engine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _setup(self) -> None:
-        self._slots = asyncio.Semaphore(self.config.worker.max_in_flight)
+        # Posts in flight per subscriber. Each subscriber may hold an equal share of
+        # worker.max_in_flight, so the total stays bounded (flat memory) and a subscriber that
+        # is slow can fill only its own share.
+        self._busy: dict[str, int] = {}
+        self._share = max(1, self.config.worker.max_in_flight
+                          // max(1, len(self.config.subscribers)))
+        self._latency: dict[str, float] = {}     # recent post latency (s), per subscriber
+        self._next_free: dict[str, float] = {}   # pacing clock for parked attempts (unix ms)
         self._redis = aioredis.Redis.from_url(self.config.redis.url, socket_connect_timeout=2,
                                               socket_timeout=10, health_check_interval=10)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
@@ -111,31 +126,45 @@ class Engine:
             log.warning("dead-lettered", extra={"eventId": event_id, "subscriber": sub.name,
                                                 "reason": "last attempt lost"})
         live = [s for s in targets if attempt <= s.max_attempts]
-        if not live:
-            await self.ledger.lease({}, taken)
-            return 0
-        for _ in live:
-            await self._slots.acquire()
         now = now_ms()
-        leases = {sub.name: deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
-                  for sub in live}
-        try:
-            await self.ledger.lease({
-                leases[s.name]: now + int((s.timeout + self._grace) * 1000) for s in live},
-                taken)
-        except BaseException:
-            for _ in live:
-                self._slots.release()
-            raise
+        leases: dict[bytes, int] = {}
+        launch: list[tuple[Subscriber, bytes]] = []
         for sub in live:
-            task = asyncio.create_task(self._deliver(event, sub, attempt, leases[sub.name]))
+            if self._busy.get(sub.name, 0) >= self._share:
+                # This subscriber already holds its share of the process's posts: park the
+                # attempt in the schedule (not in memory, not counted as an attempt) rather
+                # than wait, so its slowness never holds up anyone else's deliveries.
+                parked = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
+                leases[parked] = self._parking_slot(sub.name, now)
+                continue
+            lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
+            leases[lease] = now + int((sub.timeout + self._grace) * 1000)
+            launch.append((sub, lease))
+            self._busy[sub.name] = self._busy.get(sub.name, 0) + 1
+        try:
+            await self.ledger.lease(leases, taken)
+        except BaseException:
+            for sub, _ in launch:
+                self._busy[sub.name] -= 1
+            raise
+        for sub, lease in launch:
+            task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
             self._tasks.add(task)
-            task.add_done_callback(self._finished)
-        return len(live)
+            task.add_done_callback(functools.partial(self._finished, sub.name))
+        return len(launch)
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _parking_slot(self, name: str, now: int) -> int:
+        """When a parked attempt should come back: paced at the rate this subscriber frees
+        posts (its share / its recent latency), so a long backlog behind a slow subscriber
+        returns at the rate it can be served instead of cycling through the queue."""
+        pace_ms = 1000 * self._latency.get(name, INITIAL_LATENCY) / self._share
+        slot = max(now, self._next_free.get(name, 0.0)) + pace_ms
+        self._next_free[name] = slot
+        return int(slot) + random.randint(0, PARK_JITTER_MS)
+
+    def _finished(self, name: str, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._busy[name] -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
 
@@ -157,6 +186,8 @@ class Engine:
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
                        lease: bytes) -> None:
         outcome = await http.attempt(self._session, sub, event)
+        seen = self._latency.get(sub.name, INITIAL_LATENCY)
+        self._latency[sub.name] = 0.8 * seen + 0.2 * outcome.latency_ms / 1000
         record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms)
         context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
                    "status": outcome.status, "error": outcome.error,

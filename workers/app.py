@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from relay.config import Config, config_path, load_config
 from relay.keys import Keys
+from relay.logs import setup_logging
 from relay.queue import DELIVER_TASK
 from workers.engine import get_engine, shutdown_engine
 from workers.scheduler import Scheduler
@@ -118,6 +119,13 @@ class SchedulerStep(bootsteps.StartStopStep):
     def stop(self, worker: Any) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+
+
+@signals.setup_logging.connect
+def _json_logs(loglevel: int | str | None = None, **_: Any) -> None:
+    """JSON lines under ``celery -A workers.app worker`` too (Celery then leaves logging alone)."""
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
+    setup_logging(str(level))
 
 
 @signals.worker_process_shutdown.connect

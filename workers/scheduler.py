@@ -10,7 +10,8 @@ visibility timeout (Celery docs, "Using Redis: Caveats").
 A moved member is also noted in ``unclaimed`` until a worker's task takes it (the engine
 removes it with the leases it writes): kombu pops a message and only then records it as
 unacknowledged, so a worker killed between the two would lose it. The same script queues
-again any member left unclaimed past ``redeliver_after``.
+again any member left unclaimed past ``redeliver_after`` that is neither still in the queue
+nor in kombu's ``unacked`` hash (which kombu restores itself): only the lost ones.
 """
 
 from __future__ import annotations
@@ -33,13 +34,26 @@ for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[3], ARGV[3], member)
   redis.call('LPUSH', KEYS[2], member)
 end
-local lost = redis.call('ZRANGE', KEYS[3], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
-for _, member in ipairs(lost) do
+local overdue = redis.call('ZRANGE', KEYS[3], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
+local lost = 0
+for _, member in ipairs(overdue) do
   redis.call('ZADD', KEYS[3], ARGV[3], member)
-  redis.call('LPUSH', KEYS[2], member)
+  -- Not lost if it still waits in the queue (the oldest are at the tail: search from there),
+  -- or if kombu recorded it as unacknowledged (kombu's own restore hands that out again).
+  if not redis.call('LPOS', KEYS[2], member, 'RANK', -1) then
+    local ok, message = pcall(cjson.decode, member)
+    local tag = ok and type(message) == 'table' and type(message.properties) == 'table'
+      and message.properties.delivery_tag
+    if not (tag and redis.call('HEXISTS', KEYS[4], tag) == 1) then
+      redis.call('LPUSH', KEYS[2], member)
+      lost = lost + 1
+    end
+  end
 end
-return {#due, #lost}
+return {#due, lost}
 """
+#: kombu's hash of messages delivered to a worker and not yet acknowledged (its default name).
+KOMBU_UNACKED = "unacked"
 
 
 class Scheduler:
@@ -59,12 +73,13 @@ class Scheduler:
     def move_due(self, now_ms: int | None = None) -> int:
         """Queue every attempt due by ``now_ms`` (up to one batch); returns how many.
 
-        Each moved member is also noted in ``unclaimed``; one that no worker took within
-        ``redeliver_after`` (popped by a worker that died before kombu recorded it) is queued
-        again and counted too.
+        Each moved member is also noted in ``unclaimed``; one still there ``redeliver_after``
+        later that is neither in the queue nor recorded by kombu as unacknowledged was popped by
+        a worker that died before kombu recorded it: it is queued again and counted too.
         """
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        due, lost = self._move(keys=[self._keys.schedule, self._keys.queue, self._keys.unclaimed],
+        due, lost = self._move(keys=[self._keys.schedule, self._keys.queue, self._keys.unclaimed,
+                                     KOMBU_UNACKED],
                                args=[now, self._batch, now + self._redeliver_ms])
         if lost:
             log.warning("queued again: messages no worker took", extra={"count": int(lost)})

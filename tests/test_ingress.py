@@ -518,7 +518,8 @@ def test_targeturl_header_and_query_are_ignored(ingress, redis_client):
     assert [(m.event_id, m.subscribers, m.attempt) for m in queued(redis_client)] == \
         [(event_id, None, 1)]
     assert sorted(redis_client.keys("*")) == sorted(
-        k.encode() for k in (KEYS.seen(event_id), KEYS.event(event_id), KEYS.queue))
+        k.encode() for k in (KEYS.seen(event_id), KEYS.event(event_id), KEYS.queue,
+                             KEYS.unclaimed))
     assert b"evil.example" not in b"".join(redis_client.lrange(KEYS.queue, 0, -1))
 
 

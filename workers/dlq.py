@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 import redis
 
 from relay.config import Config
@@ -19,6 +20,7 @@ if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
   redis.call('HDEL', KEYS[3], ARGV[4])
   redis.call('DEL', KEYS[4])
   redis.call('LPUSH', KEYS[5], ARGV[5])
+  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[5])
   return 1
 end
 return 0
@@ -60,8 +62,6 @@ def format_table(letters: list[DeadLetter]) -> str:
 def replay_dead_letters(config: Config, subscriber: str | None = None,
                         event_id: str | None = None) -> int:
     """Queue each matching dead letter as a fresh first attempt; returns how many."""
-    import msgspec
-
     keys = Keys(queue=config.worker.queue)
     count = 0
     with _client(config) as client:
@@ -73,9 +73,12 @@ def replay_dead_letters(config: Config, subscriber: str | None = None,
                 continue
             count += int(script(
                 keys=[keys.dlq, keys.event(letter.event_id), keys.done(letter.event_id),
-                      keys.log(letter.event_id, letter.subscriber), keys.queue],
+                      keys.log(letter.event_id, letter.subscriber), keys.queue,
+                      keys.unclaimed],
                 args=[Keys.dlq_field(letter.event_id, letter.subscriber),
                       msgspec.msgpack.encode(letter.event), int(config.redis.retention),
                       letter.subscriber,
-                      deliver_message(keys.queue, letter.event_id, [letter.subscriber], 1)]))
+                      deliver_message(keys.queue, letter.event_id, [letter.subscriber], 1),
+                      # queued again unless a worker takes it by then (see relay/keys.py)
+                      int((time.time() + config.worker.visibility_timeout) * 1000)]))
     return count

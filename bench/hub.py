@@ -48,6 +48,7 @@ class Sinks:
         parts = [json.loads(b) for b in self._each("/_stats")]
         firsts = [p["first"] for p in parts if p["first"]]
         return {"count": sum(p["count"] for p in parts),
+                "distinct": sum(p["distinct"] for p in parts),
                 "first": min(firsts) if firsts else 0.0,
                 "last": max(p["last"] for p in parts)}
 
@@ -58,11 +59,11 @@ class Sinks:
         return out
 
     def wait_count(self, expected: int, timeout: float) -> dict[str, Any]:
-        """Poll until ``expected`` receipts (or ``timeout``); the last stats either way."""
+        """Poll until ``expected`` distinct deliveries (or ``timeout``); the last stats."""
         deadline = time.monotonic() + timeout
         while True:
             stats = self.stats()
-            if stats["count"] >= expected or time.monotonic() > deadline:
+            if stats["distinct"] >= expected or time.monotonic() > deadline:
                 return stats
             time.sleep(0.05)
 
@@ -135,7 +136,7 @@ class Worker:
         def done() -> bool:
             if not self.proc.alive():
                 raise RuntimeError(f"worker died:\n{self.proc.tail()}")
-            return bool(sinks.stats()["count"] >= events * fanout)
+            return bool(sinks.stats()["distinct"] >= events * fanout)
 
         wait_until(done, timeout, "worker warm-up deliveries", interval=0.1)
         sinks.reset()

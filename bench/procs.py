@@ -208,6 +208,8 @@ class RssSampler:
         self.series: dict[str, list[tuple[float, int]]] = {}
         self.peak_sum: dict[str, int] = {}
         self.peak_hwm: dict[str, int] = {}
+        #: role -> pid -> (first, last) VmRSS seen, to tell which process of a tree grew.
+        self.by_pid: dict[str, dict[int, tuple[int, int]]] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
@@ -226,10 +228,13 @@ class RssSampler:
             roots = dict(self.roots)
         for role, pid in roots.items():
             total, hwm = 0, 0
+            per = self.by_pid.setdefault(role, {})
             for p in descendants(pid):
                 r, h = mem_kb(p)
                 total += r
                 hwm = max(hwm, h)
+                if r:
+                    per[p] = (per[p][0] if p in per else r, r)
             if not total:
                 continue
             self.series.setdefault(role, []).append((now, total))

@@ -94,8 +94,9 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
         if fo == "10":
             tt = t["e2e deliveries/s at fan-out 10 >= 0.45 x raw egress ceiling"]
             target, result = tt["target"], _verdict(tt["pass"])
+        dup = f", {e['duplicates']:,} duplicates" if e.get("duplicates") else ""
         out.append([f"end to end, fan-out {fo} ({e['events']:,} events, "
-                    f"{e['received']:,}/{e['expected']:,} delivered)",
+                    f"{e['received']:,}/{e['expected']:,} delivered{dup})",
                     _n(e["deliveries_per_s"], " deliveries/s"), _n(egress, " posts/s"),
                     _n(ratio, "", 2), target, result])
     for fo in ("1", "10"):
@@ -120,8 +121,10 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
             if not m:
                 continue
             tt = t[f"{role} RSS flat over the long run (last vs first quarter)"]
-            out.append([f"long run RSS, {role} ({long['received']:,} deliveries in "
-                        f"{long['seconds']:,.0f}s)",
+            out.append([f"long run RSS, {role} ({long['received']:,}/{long['deliveries']:,} "
+                        f"deliveries in {long['seconds']:,.0f}s"
+                        + (f", {long['duplicates']:,} duplicates" if long.get("duplicates")
+                           else "") + ")",
                         f"{_mb(m['q1_mean_kb'])} -> {_mb(m['q4_mean_kb'])}",
                         "first -> last quarter", f"{m['change']:+.1%}", tt["target"],
                         _verdict(tt["pass"])])

@@ -2,8 +2,9 @@
 
 Every POST (any path) is answered 200 and counted, with its receive time; while recording is
 on (``POST /_record?on=1``) the event id and path of each receipt are kept too, for latency.
-Control, all on the same port: ``GET /_stats`` (count, first and last receive time, count per
-path), ``GET /_receipts`` (the recorded ``[eventId, path, t]``), ``POST /_reset``.
+Control, all on the same port: ``GET /_stats`` (count, distinct (eventId, path) pairs, first
+and last receive time, count per path), ``GET /_receipts`` (the recorded
+``[eventId, path, t]``), ``POST /_reset``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class Recorder:
         self.per_path: Counter[str] = Counter()
         self.recording = False
         self.receipts: list[tuple[str, str, float]] = []
+        #: hash of (eventId, path) of every receipt: distinct deliveries, so duplicates show.
+        self.seen: set[int] = set()
 
 
 def create_app() -> web.Application:
@@ -42,13 +45,15 @@ def create_app() -> web.Application:
             rec.first = now
         rec.last = now
         rec.per_path[request.path] += 1
+        eid = id_of(body)
+        rec.seen.add(hash((eid, request.path)))
         if rec.recording:
-            rec.receipts.append((id_of(body), request.path, now))
+            rec.receipts.append((eid, request.path, now))
         return web.Response(text="ok")
 
     async def stats(request: web.Request) -> web.Response:
         return web.Response(body=msgspec.json.encode({
-            "count": rec.count, "first": rec.first, "last": rec.last,
+            "count": rec.count, "distinct": len(rec.seen), "first": rec.first, "last": rec.last,
             "per_path": dict(rec.per_path)}), content_type="application/json")
 
     async def receipts(request: web.Request) -> web.Response:

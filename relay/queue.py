@@ -15,19 +15,18 @@ saves a base64 pass). A test starts a real Celery worker on these messages
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
+import functools
+import hashlib
+import re
 from typing import Any
 
 import msgspec
 
 DELIVER_TASK = "relay.deliver"
 
-_ORIGIN = f"{os.getpid()}@{socket.gethostname()}"
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _encode = msgspec.json.encode
-_ID_NAMESPACE = uuid.UUID("5c1d3f4e-0d5e-4b8e-9a57-6d2f0b9b7a10")
+_SLOT = re.compile(rb'"@@(\w+)@@"')
 
 
 def deliver_message(queue: str, event_id: str, subscribers: list[str] | None,
@@ -41,34 +40,54 @@ def deliver_message(queue: str, event_id: str, subscribers: list[str] | None,
     worker can name, from its task's arguments alone, the member it must remove from
     ``unclaimed`` (see ``relay/keys.py``) and a lease written twice is one member, not two.
     """
-    args = [event_id, subscribers, attempt]
-    task_id = str(uuid.uuid5(_ID_NAMESPACE, f"{queue}\n{_encode(args).decode()}"))
-    return task_message(queue, DELIVER_TASK, args, task_id, origin="relay")
+    return task_message(queue, DELIVER_TASK, [event_id, subscribers, attempt])
 
 
-def task_message(queue: str, task: str, args: list[Any], task_id: str | None = None,
-                 origin: str = _ORIGIN) -> bytes:
-    task_id = task_id or str(uuid.uuid4())
-    body = _encode([args, {}, _EMBED]).decode()
-    return _encode({
-        "body": body,
+def task_message(queue: str, task: str, args: list[Any]) -> bytes:
+    """Celery's protocol-2 message for ``task(*args)``, with an id derived from its arguments.
+
+    Built by splicing into a per-(queue, task) template: on the ingress's hot path this is
+    several times cheaper than encoding the nested message anew for every event.
+    """
+    args_json = _encode(args)
+    task_id = hashlib.blake2b(queue.encode() + b"\n" + task.encode() + b"\n" + args_json,
+                              digest_size=16).hexdigest()
+    values = {
+        "body": _encode("[" + args_json.decode() + ",{}," + _EMBED_JSON + "]"),
+        "id": b'"' + task_id.encode() + b'"',
+        "argsrepr": _encode(args_json.decode()),
+    }
+    return b"".join(values[piece] if i % 2 else piece  # type: ignore[index]
+                    for i, piece in enumerate(_template(queue, task)))
+
+
+_EMBED_JSON = _encode(_EMBED).decode()
+
+
+@functools.lru_cache(maxsize=32)
+def _template(queue: str, task: str) -> tuple[Any, ...]:
+    """The message with slots: literal bytes at even indexes, slot names at odd ones."""
+    message = _encode({
+        "body": "@@body@@",
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
-            "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
+            "lang": "py", "task": task, "id": "@@id@@", "shadow": None, "eta": None,
             "expires": None, "group": None, "group_index": None, "retries": 0,
-            "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-            "argsrepr": repr(args), "kwargsrepr": "{}", "origin": origin,
+            "timelimit": [None, None], "root_id": "@@id@@", "parent_id": None,
+            "argsrepr": "@@argsrepr@@", "kwargsrepr": "{}", "origin": "relay",
             "ignore_result": True,
         },
         "properties": {
-            "correlation_id": task_id,
+            "correlation_id": "@@id@@",
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
-            "delivery_tag": task_id,
+            "delivery_tag": "@@id@@",
         },
     })
+    parts = _SLOT.split(message)
+    return tuple(p.decode() if i % 2 else p for i, p in enumerate(parts))
 
 
 class DeliverArgs(msgspec.Struct, array_like=True):

@@ -95,8 +95,11 @@ class WebhookHandler:
         if not signature:
             return self._reject(401, "signature", f"missing {INGRAM_HEADER} header")
         try:
-            async with asyncio.timeout(self._read_timeout):
-                body = await request.read()
+            if request.content.is_eof():
+                body = await request.read()  # all here already: no timer to arm (~7 us)
+            else:
+                async with asyncio.timeout(self._read_timeout):
+                    body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._reject(413, "too_large", f"body exceeds the limit of {self._limit} bytes")
         except TimeoutError:

@@ -13,11 +13,12 @@ Lua script (one command); otherwise it orders them so that any prefix is harmles
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 Command = Sequence[Any]
 
@@ -40,6 +41,19 @@ class GroupCommit:
             self._flusher = asyncio.create_task(self._flush_all())
         return await future
 
+    async def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """Run a Lua script in the next round trip; its result (or the error it raised).
+
+        EVALSHA, loading the script once when Redis answers NOSCRIPT (first use, or a Redis
+        that restarted): a script that raised NOSCRIPT did not run, so running it again is safe.
+        """
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        (result,) = await self.execute([command])
+        if isinstance(result, NoScriptError):
+            await self._client.script_load(script.text)
+            (result,) = await self.execute([command])
+        return result
+
     async def _flush_all(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
@@ -60,3 +74,11 @@ class GroupCommit:
                 if not future.done():
                     future.set_result(results[start:end])
                 start = end
+
+
+class Script:
+    """A Lua script's text and SHA1, for ``GroupCommit.script``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()

@@ -9,21 +9,20 @@ to the AOF as one MULTI/EXEC). Concurrent requests share round trips (``relay.ba
 
 from __future__ import annotations
 
-import hashlib
 import logging
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
-from relay.batching import GroupCommit
+from relay.batching import GroupCommit, Script
 from relay.keys import Keys
 from relay.models import StoredEvent
 from relay.queue import deliver_message
 
 log = logging.getLogger("relay.ingress.store")
 
-STORE_SCRIPT = """
+STORE_SCRIPT = Script("""
 if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[1]) then
   redis.call('SET', KEYS[2], ARGV[4], 'EX', ARGV[2])
   redis.call('LPUSH', KEYS[3], ARGV[5])
@@ -31,8 +30,7 @@ if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[1]) then
   return 1
 end
 return 0
-"""
-STORE_SHA = hashlib.sha1(STORE_SCRIPT.encode()).hexdigest()
+""")
 
 _encode_record = msgspec.msgpack.Encoder().encode
 
@@ -58,18 +56,13 @@ class EventStore:
         Raises StoreUnavailable when Redis does not confirm: the caller must answer 503.
         """
         k = self._keys
-        command = ("EVALSHA", STORE_SHA, 4,
-                   k.seen(event.event_id), k.event(event.event_id), k.queue, k.unclaimed,
-                   self._dedupe, self._retention, str(int(event.received_at)),
-                   _encode_record(event), deliver_message(k.queue, event.event_id, None, 1),
-                   int(event.received_at * 1000) + self._redeliver_ms)
         try:
-            (result,) = await self._batch.execute([command])
-            if isinstance(result, NoScriptError):
-                # First use, or Redis restarted and lost its script cache. Retrying is safe:
-                # a script that raised NOSCRIPT did not run.
-                await self._client.script_load(STORE_SCRIPT)
-                (result,) = await self._batch.execute([command])
+            result = await self._batch.script(
+                STORE_SCRIPT,
+                (k.seen(event.event_id), k.event(event.event_id), k.queue, k.unclaimed),
+                (self._dedupe, self._retention, str(int(event.received_at)),
+                 _encode_record(event), deliver_message(k.queue, event.event_id, None, 1),
+                 int(event.received_at * 1000) + self._redeliver_ms))
         except (RedisError, OSError) as exc:
             log.warning("redis write failed", extra={"eventId": event.event_id,
                                                      "error": repr(exc)})

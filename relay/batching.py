@@ -24,8 +24,14 @@ Command = Sequence[Any]
 
 
 class GroupCommit:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, timeout: float = 5.0) -> None:
+        # One deadline per round trip, here, rather than the client's ``socket_timeout``:
+        # redis-py wraps every socket send in ``asyncio.wait_for`` when that is set, a Task
+        # and a timer per send on Python 3.11 (seen in the worker's profile). Give this
+        # class a client made without ``socket_timeout``; a Redis that hangs still fails the
+        # batch after ``timeout`` seconds (TimeoutError, an OSError).
         self._client = client
+        self._timeout = timeout
         self._pending: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -50,7 +56,8 @@ class GroupCommit:
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         (result,) = await self.execute([command])
         if isinstance(result, NoScriptError):
-            await self._client.script_load(script.text)
+            async with asyncio.timeout(self._timeout):
+                await self._client.script_load(script.text)
             (result,) = await self.execute([command])
         return result
 
@@ -58,7 +65,8 @@ class GroupCommit:
         while self._pending:
             batch, self._pending = self._pending, []
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
+                async with asyncio.timeout(self._timeout), \
+                        self._client.pipeline(transaction=False) as pipe:
                     for commands, _ in batch:
                         for command in commands:
                             pipe.execute_command(*command)

@@ -76,7 +76,7 @@ class Engine:
         self._latency: dict[str, float] = {}     # recent post latency (s), per subscriber
         self._next_free: dict[str, float] = {}   # pacing clock for parked attempts (unix ms)
         self._redis = aioredis.Redis.from_url(self.config.redis.url, socket_connect_timeout=2,
-                                              socket_timeout=10, health_check_interval=10)
+                                              health_check_interval=10)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)

@@ -92,7 +92,7 @@ class Ledger:
         self._r = client
         self._k = keys
         self._retention = int(retention)
-        self._batch = GroupCommit(client)
+        self._batch = GroupCommit(client, timeout=10.0)
 
     async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         results = await self._batch.execute(commands)

@@ -166,7 +166,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 def redis_client(url: str) -> aioredis.Redis:
     """A client that fails fast, so a dead Redis becomes a prompt 503, not a hung request."""
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5,
+    # No socket_timeout: the store bounds each round trip itself (relay/batching.py).
+    return aioredis.Redis.from_url(url, socket_connect_timeout=2,
                                    health_check_interval=10, max_connections=64)
 
 

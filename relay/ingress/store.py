@@ -9,6 +9,7 @@ to the AOF as one MULTI/EXEC). Concurrent requests share round trips (``relay.ba
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import msgspec
@@ -21,6 +22,10 @@ from relay.models import StoredEvent
 from relay.queue import deliver_message
 
 log = logging.getLogger("relay.ingress.store")
+
+#: A write Redis has not confirmed within this long is answered 503 (seconds).
+WRITE_TIMEOUT = 5.0
+PING_TIMEOUT = 2.0
 
 STORE_SCRIPT = Script("""
 if redis.call('SET', KEYS[1], ARGV[3], 'NX', 'EX', ARGV[1]) then
@@ -48,7 +53,7 @@ class EventStore:
         self._keys = keys
         self._dedupe = max(1, int(dedupe_seconds))
         self._retention = max(self._dedupe, int(retention_seconds))
-        self._batch = GroupCommit(client)
+        self._batch = GroupCommit(client, timeout=WRITE_TIMEOUT)
 
     async def accept(self, event: StoredEvent) -> bool:
         """Store ``event`` and queue its fan-out. True if new, False if a duplicate.
@@ -75,6 +80,7 @@ class EventStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._client.ping())
+            async with asyncio.timeout(PING_TIMEOUT):
+                return bool(await self._client.ping())
         except (RedisError, OSError):
             return False

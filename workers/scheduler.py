@@ -36,11 +36,15 @@ for _, member in ipairs(due) do
 end
 local overdue = redis.call('ZRANGE', KEYS[3], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
 local lost = 0
+-- Behind a long backlog an overdue note most likely still waits in the queue, and LPOS would
+-- scan the whole list for each one (O(n) per note blocked Redis for seconds in an overload
+-- run, docs/benchmarks.md): look again later, once the queue is short enough to search.
+local searchable = redis.call('LLEN', KEYS[2]) <= tonumber(ARGV[4])
 for _, member in ipairs(overdue) do
   redis.call('ZADD', KEYS[3], ARGV[3], member)
   -- Not lost if it still waits in the queue (the oldest are at the tail: search from there),
   -- or if kombu recorded it as unacknowledged (kombu's own restore hands that out again).
-  if not redis.call('LPOS', KEYS[2], member, 'RANK', -1) then
+  if searchable and not redis.call('LPOS', KEYS[2], member, 'RANK', -1) then
     local ok, message = pcall(cjson.decode, member)
     local tag = ok and type(message) == 'table' and type(message.properties) == 'table'
       and message.properties.delivery_tag
@@ -52,6 +56,9 @@ for _, member in ipairs(overdue) do
 end
 return {#due, lost}
 """
+#: Longest queue searched for overdue notes (LPOS is O(length)); behind a longer backlog, a
+#: message lost in kombu's window is queued again once the backlog has drained to this.
+SEARCHABLE_QUEUE = 2000
 #: kombu's hash of messages delivered to a worker and not yet acknowledged (its default name).
 KOMBU_UNACKED = "unacked"
 
@@ -80,7 +87,8 @@ class Scheduler:
         now = int(time.time() * 1000) if now_ms is None else now_ms
         due, lost = self._move(keys=[self._keys.schedule, self._keys.queue, self._keys.unclaimed,
                                      KOMBU_UNACKED],
-                               args=[now, self._batch, now + self._redeliver_ms])
+                               args=[now, self._batch, now + self._redeliver_ms,
+                                     SEARCHABLE_QUEUE])
         if lost:
             log.warning("queued again: messages no worker took", extra={"count": int(lost)})
         return int(due) + int(lost)

@@ -9,7 +9,7 @@ import redis
 
 from relay.queue import deliver_message
 from tests.fault.helpers import KEYS
-from workers.scheduler import KOMBU_UNACKED, Scheduler
+from workers.scheduler import KOMBU_UNACKED, SEARCHABLE_QUEUE, Scheduler
 
 pytestmark = pytest.mark.fault
 
@@ -52,3 +52,21 @@ def test_a_moved_retry_is_watched_until_a_worker_takes_it(redis_client: redis.Re
     assert scheduler.move_due(NOW + 9_999) == 0
     assert scheduler.move_due(NOW + 10_000) == 1
     assert redis_client.lrange(KEYS.queue, 0, -1) == [retry]
+
+
+def test_behind_a_long_backlog_overdue_notes_wait_instead_of_scanning_the_queue(
+        redis_client: redis.Redis) -> None:
+    backlog = [message(f"EVQ{i:05d}") for i in range(SEARCHABLE_QUEUE + 1)]
+    redis_client.lpush(KEYS.queue, *backlog)
+    overdue = backlog[:50]  # waiting in the queue, their notes overdue
+    redis_client.zadd(KEYS.unclaimed, {m: NOW - 1 for m in overdue})
+    scheduler = Scheduler(redis_client, KEYS, redeliver_after=60)
+
+    assert scheduler.move_due(NOW) == 0
+    assert redis_client.llen(KEYS.queue) == len(backlog)  # nothing queued twice
+    scores = {s for _, s in redis_client.zrange(KEYS.unclaimed, 0, -1, withscores=True)}
+    assert scores == {NOW + 60_000}  # looked at again later
+
+    # Once the backlog is short enough to search, a note whose message is gone is queued again.
+    redis_client.delete(KEYS.queue)
+    assert scheduler.move_due(NOW + 60_000) == len(overdue)

@@ -15,25 +15,59 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
 Command = Sequence[Any]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
-class GroupCommit:
+class Batcher(Generic[T, R]):
+    """Items submitted while a batch is running wait for the next batch; one runs at a time."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_all())
+        return await future
+
+    async def _run(self, items: list[T]) -> list[R]:
+        """One result per item, in order; raising fails every item of the batch."""
+        raise NotImplementedError
+
+    async def _flush_all(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._run([item for item, _ in batch])
+            except Exception as exc:  # every waiter hears of it; none is left hanging
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+class GroupCommit(Batcher[Sequence[Command], list[Any]]):
     def __init__(self, client: aioredis.Redis, timeout: float = 5.0) -> None:
         # One deadline per round trip, here, rather than the client's ``socket_timeout``:
         # redis-py wraps every socket send in ``asyncio.wait_for`` when that is set, a Task
         # and a timer per send on Python 3.11 (seen in the worker's profile). Give this
         # class a client made without ``socket_timeout``; a Redis that hangs still fails the
         # batch after ``timeout`` seconds (TimeoutError, an OSError).
+        super().__init__()
         self._client = client
         self._timeout = timeout
-        self._pending: list[tuple[Sequence[Command], asyncio.Future[list[Any]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Run ``commands`` in the next round trip; their results, in order.
@@ -41,11 +75,7 @@ class GroupCommit:
         A command that failed has its exception in place of a result (like
         ``execute(raise_on_error=False)``); a connection failure raises for the whole batch.
         """
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._pending.append((commands, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_all())
-        return await future
+        return await self.submit(commands)
 
     async def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run a Lua script in the next round trip; its result (or the error it raised).
@@ -61,27 +91,18 @@ class GroupCommit:
             (result,) = await self.execute([command])
         return result
 
-    async def _flush_all(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                async with asyncio.timeout(self._timeout), \
-                        self._client.pipeline(transaction=False) as pipe:
-                    for commands, _ in batch:
-                        for command in commands:
-                            pipe.execute_command(*command)
-                    results = list(await pipe.execute(raise_on_error=False))
-            except (RedisError, OSError) as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            start = 0
-            for commands, future in batch:
-                end = start + len(commands)
-                if not future.done():
-                    future.set_result(results[start:end])
-                start = end
+    async def _run(self, items: list[Sequence[Command]]) -> list[list[Any]]:
+        async with asyncio.timeout(self._timeout), \
+                self._client.pipeline(transaction=False) as pipe:
+            for commands in items:
+                for command in commands:
+                    pipe.execute_command(*command)
+            results = list(await pipe.execute(raise_on_error=False))
+        out, start = [], 0
+        for commands in items:
+            out.append(results[start:start + len(commands)])
+            start += len(commands)
+        return out
 
 
 class Script:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 Command = Sequence[Any]
 T = TypeVar("T")

@@ -44,6 +44,7 @@ from bench.procs import (
     run_loadgen,
     wait_http,
 )
+from relay.queue import read_deliver_message
 
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
@@ -176,7 +177,12 @@ class Bench:
         with contextlib.closing(self.redis.client()) as c:
             stored = sum(1 for _ in c.scan_iter(match="relay:event:*", count=5000))
             seen = sum(1 for _ in c.scan_iter(match="relay:seen:*", count=5000))
-            queued = int(c.llen("relay"))
+            # One fan-out message per group-committed batch: count the events they name.
+            queued, messages = 0, 0
+            for raw in c.lrange("relay", 0, -1):
+                ids = read_deliver_message(raw).event_id
+                queued += 1 if isinstance(ids, str) else len(ids)
+                messages += 1
         complete = accepted == n and stored == n and seen == n and queued == n
         if not complete:
             self.failures.append(f"ingress ({fsync}): {accepted} accepted, {stored} stored, "
@@ -184,7 +190,8 @@ class Bench:
         self.flush()
         out = {
             "appendfsync": fsync, "requests": n, "accepted": accepted, "stored": stored,
-            "queued": queued, "all_stored": complete, "statuses": r["statuses"],
+            "queued": queued, "queue_messages": messages, "all_stored": complete,
+            "statuses": r["statuses"],
             "errors": r["errors"], "seconds": round(r["t_end"] - r["t_start"], 3),
             "events_per_s": round(rate(accepted, r["t_end"] - r["t_start"]), 1),
             "latency_ms": r["latency_ms"], "cpu_cores": cpu,

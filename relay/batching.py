@@ -28,7 +28,8 @@ R = TypeVar("R")
 class Batcher(Generic[T, R]):
     """Items submitted while a batch is running wait for the next batch; one runs at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_batch: int = 0) -> None:
+        self._max_batch = max_batch  # 0: no limit
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -45,7 +46,8 @@ class Batcher(Generic[T, R]):
 
     async def _flush_all(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
+            cut = self._max_batch or len(self._pending)
+            batch, self._pending = self._pending[:cut], self._pending[cut:]
             try:
                 results = await self._run([item for item, _ in batch])
             except Exception as exc:  # every waiter hears of it; none is left hanging

@@ -29,18 +29,24 @@ _encode = msgspec.json.encode
 _SLOT = re.compile(rb'"@@(\w+)@@"')
 
 
-def deliver_message(queue: str, event_id: str, subscribers: list[str] | None,
-                    attempt: int) -> bytes:
-    """A message that runs ``relay.deliver(event_id, subscribers, attempt)``.
+def deliver_message(queue: str, event_id: str | list[str], subscribers: list[str] | None,
+                    attempt: int, batch: str | None = None) -> bytes:
+    """A message that runs ``relay.deliver(event_id, subscribers, attempt[, batch])``.
 
     ``subscribers`` None means "every subscriber whose filters match" (the first fan-out);
     a list names the subscribers to try (a retry, a replay, or a lease that expired).
+    The ingress sends one message per group-committed batch: ``event_id`` is then the list of
+    the batch's events and ``batch`` its token, which the ``seen`` marker of each event the
+    batch stored holds (a duplicate in the batch holds an older token and is skipped).
 
     The same arguments always give the same bytes (the task id is derived from them), so a
     worker can name, from its task's arguments alone, the member it must remove from
     ``unclaimed`` (see ``relay/keys.py``) and a lease written twice is one member, not two.
     """
-    return task_message(queue, DELIVER_TASK, [event_id, subscribers, attempt])
+    args: list[Any] = [event_id, subscribers, attempt]
+    if batch is not None:
+        args.append(batch)
+    return task_message(queue, DELIVER_TASK, args)
 
 
 def task_message(queue: str, task: str, args: list[Any]) -> bytes:
@@ -91,9 +97,10 @@ def _template(queue: str, task: str) -> tuple[Any, ...]:
 
 
 class DeliverArgs(msgspec.Struct, array_like=True):
-    event_id: str
+    event_id: str | list[str]
     subscribers: list[str] | None
     attempt: int
+    batch: str | None = None
 
 
 def read_deliver_message(message: bytes) -> DeliverArgs:

@@ -261,3 +261,28 @@ def test_redelivered_task_does_not_repeat_deliveries_that_succeeded(
     assert len(sink.on("/a")) == 1
     assert len(sink.on("/b")) == 2
     assert [a.status for a in attempt_log(redis_client, "EVDONE", "a")] == [200]
+
+
+def test_concurrent_events_and_repeats_are_batched_yet_each_is_delivered_once(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Concurrent requests share one fan-out message; a repeat of an event in the same or a
+    later batch is answered 200 duplicate and is not fanned out again."""
+    import threading
+
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "erp", "url": sink.url("/erp"), "secret": "s"}])
+    events = [f"EVBATCH{i:02d}" for i in range(12)]
+    sends = events + events[:4] * 3  # four events sent four times, all at once
+    answers: list[int] = []
+    with worker(config, tmp_path / "worker.log"), ingress(config, tmp_path / "ingress.log") as url:
+        threads = [threading.Thread(target=lambda e=e: answers.append(post(url, event_body(e))[0]))
+                   for e in sends]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = sink.wait_for("/erp", len(events))
+        time.sleep(1.0)  # would a repeat be fanned out again?
+        got = sink.on("/erp")
+    assert sorted(answers) == sorted([202] * len(events) + [200] * 12)
+    assert sorted(r.event_id for r in got) == events

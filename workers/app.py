@@ -83,10 +83,12 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
     app.relay_scheduler = scheduler  # type: ignore[attr-defined]
 
     @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
-    def deliver(self: Any, event_id: str, subscribers: list[str] | None, attempt: int) -> int:
-        """Lease and start the attempts for one event (all matching, or those named)."""
+    def deliver(self: Any, event_id: str | list[str], subscribers: list[str] | None,
+                attempt: int, batch: str | None = None) -> int:
+        """Lease and start the attempts for one event or a batch of them (to every matching
+        subscriber, or to those named)."""
         try:
-            return get_engine(config).start(event_id, subscribers, attempt)
+            return get_engine(config).start(event_id, subscribers, attempt, batch)
         except (RedisError, OSError) as exc:
             # Not acknowledged: back to the queue, tried again once Redis answers.
             raise Reject(repr(exc), requeue=True) from exc

@@ -83,9 +83,10 @@ class Engine:
 
     # -- called from the Celery task thread -------------------------------------------------
 
-    def start(self, event_id: str, subscribers: list[str] | None, attempt: int) -> int:
+    def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
+              batch: str | None = None) -> int:
         """Lease and launch the attempts of one task; returns how many were launched."""
-        return self._call(self._start(event_id, subscribers, attempt))
+        return self._call(self._start(event_ids, subscribers, attempt, batch))
 
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for in-flight deliveries; returns how many were left."""
@@ -106,48 +107,51 @@ class Engine:
 
     # -- on the loop --------------------------------------------------------------------------
 
-    async def _start(self, event_id: str, names: list[str] | None, attempt: int) -> int:
+    async def _start(self, event_ids: str | list[str], names: list[str] | None, attempt: int,
+                     batch: str | None) -> int:
         # This task's own message: noted in ``unclaimed`` when queued, dropped from it here
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
-        taken = deliver_message(self.keys.queue, event_id, names, attempt)
-        event, done = await self.ledger.load(event_id)
-        if event is None:
-            log.error("event record missing (expired or never stored); nothing to deliver",
-                      extra={"eventId": event_id})
-            await self.ledger.lease({}, taken)
-            return 0
-        targets = self._targets(event, names, done)
-        lost = [s for s in targets if attempt > s.max_attempts]
-        for sub in lost:
-            # Only a lease for an attempt past the last gets here: the worker that made the
-            # last attempt died before it could record the outcome.
-            await self.ledger.dead_letter(event, sub.name, None, None,
-                                          "no outcome recorded for the last attempt")
-            log.warning("dead-lettered", extra={"eventId": event_id, "subscriber": sub.name,
-                                                "reason": "last attempt lost"})
-        live = [s for s in targets if attempt <= s.max_attempts]
+        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
+        ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
         now = now_ms()
         leases: dict[bytes, int] = {}
-        launch: list[tuple[Subscriber, bytes]] = []
-        for sub in live:
-            if self._busy.get(sub.name, 0) >= self._share:
-                # This subscriber already holds its share of the process's posts: park the
-                # attempt in the schedule (not in memory, not counted as an attempt) rather
-                # than wait, so its slowness never holds up anyone else's deliveries.
-                parked = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
-                leases[parked] = self._parking_slot(sub.name, now)
+        launch: list[tuple[StoredEvent, Subscriber, bytes]] = []
+        for event_id, (event, done, seen) in zip(
+                ids, await self.ledger.load(ids, batch is not None), strict=True):
+            if event is None:
+                log.error("event record missing (expired or never stored); nothing to deliver",
+                          extra={"eventId": event_id})
                 continue
-            lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
-            leases[lease] = now + int((sub.timeout + self._grace) * 1000)
-            launch.append((sub, lease))
-            self._busy[sub.name] = self._busy.get(sub.name, 0) + 1
+            if batch is not None and seen is not None and seen != batch:
+                continue  # a duplicate in this batch: the batch that stored it fans it out
+            targets = self._targets(event, names, done)
+            for sub in targets:
+                if attempt > sub.max_attempts:
+                    # Only a lease for an attempt past the last gets here: the worker that
+                    # made the last attempt died before it could record the outcome.
+                    await self.ledger.dead_letter(event, sub.name, None, None,
+                                                  "no outcome recorded for the last attempt")
+                    log.warning("dead-lettered", extra={
+                        "eventId": event_id, "subscriber": sub.name,
+                        "reason": "last attempt lost"})
+                elif self._busy.get(sub.name, 0) >= self._share:
+                    # This subscriber already holds its share of the process's posts: park
+                    # the attempt in the schedule (not in memory, not counted as an attempt)
+                    # rather than wait, so its slowness never holds up anyone else.
+                    parked = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
+                    leases[parked] = self._parking_slot(sub.name, now)
+                else:
+                    lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
+                    leases[lease] = now + int((sub.timeout + self._grace) * 1000)
+                    launch.append((event, sub, lease))
+                    self._busy[sub.name] = self._busy.get(sub.name, 0) + 1
         try:
             await self.ledger.lease(leases, taken)
         except BaseException:
-            for sub, _ in launch:
+            for _, sub, _ in launch:
                 self._busy[sub.name] -= 1
             raise
-        for sub, lease in launch:
+        for event, sub, lease in launch:
             task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
             self._tasks.add(task)
             task.add_done_callback(functools.partial(self._finished, sub.name))

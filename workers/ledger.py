@@ -101,12 +101,23 @@ class Ledger:
                 raise result
         return results
 
-    async def load(self, event_id: str) -> tuple[StoredEvent | None, set[str]]:
-        """The event record and the subscribers it was already delivered to."""
-        raw, done = await self._run([("GET", self._k.event(event_id)),
-                                     ("HKEYS", self._k.done(event_id))])
-        event = _decode_event(raw) if raw else None
-        return event, {d.decode() for d in done}
+    async def load(self, event_ids: list[str], with_seen: bool = False
+                   ) -> list[tuple[StoredEvent | None, set[str], str | None]]:
+        """Per event: its record, the subscribers it was already delivered to, and (when
+        asked) the token of the batch that stored it, in one round trip."""
+        step = 3 if with_seen else 2
+        commands: list[tuple[Any, ...]] = []
+        for event_id in event_ids:
+            commands += [("GET", self._k.event(event_id)), ("HKEYS", self._k.done(event_id))]
+            if with_seen:
+                commands.append(("GET", self._k.seen(event_id)))
+        results = await self._run(commands)
+        loaded = []
+        for i in range(0, len(results), step):
+            raw, done = results[i], results[i + 1]
+            seen = results[i + 2].decode() if with_seen and results[i + 2] else None
+            loaded.append((_decode_event(raw) if raw else None, {d.decode() for d in done}, seen))
+        return loaded
 
     async def lease(self, leases: dict[bytes, int], taken: bytes | None = None) -> None:
         """Add the next-attempt messages (``{message: due_ms}``) before attempts start, then

@@ -125,6 +125,8 @@ class Engine:
             if batch is not None and seen is not None and seen != batch:
                 continue  # a duplicate in this batch: the batch that stored it fans it out
             targets = self._targets(event, names, done)
+            parked: list[str] = []
+            park_at = 0
             for sub in targets:
                 if attempt > sub.max_attempts:
                     # Only a lease for an attempt past the last gets here: the worker that
@@ -138,13 +140,18 @@ class Engine:
                     # This subscriber already holds its share of the process's posts: park
                     # the attempt in the schedule (not in memory, not counted as an attempt)
                     # rather than wait, so its slowness never holds up anyone else.
-                    parked = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
-                    leases[parked] = self._parking_slot(sub.name, now)
+                    parked.append(sub.name)
+                    park_at = max(park_at, self._parking_slot(sub.name, now))
                 else:
                     lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
                     leases[lease] = now + int((sub.timeout + self._grace) * 1000)
                     launch.append((event, sub, lease))
                     self._busy[sub.name] = self._busy.get(sub.name, 0) + 1
+            if parked:
+                # One message per event for all its parked subscribers: a Celery message costs
+                # ~2 ms of worker CPU, so one per (event, subscriber) would turn a burst into
+                # more work than the posts themselves.
+                leases[deliver_message(self.keys.queue, event_id, parked, attempt)] = park_at
         try:
             await self.ledger.lease(leases, taken)
         except BaseException:

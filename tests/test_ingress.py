@@ -6,7 +6,6 @@ runs it as ``relay ingress`` in a subprocess. Requests go over sockets with ``ht
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import http.client
 import json
@@ -19,15 +18,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from relay.config import Config, load_config
-from relay.ingress.app import create_app
 from relay.keys import Keys
 from relay.models import StoredEvent
 from relay.queue import read_deliver_message
 from relay.signatures import sign_ingram
+from tests.hub import LiveIngress
 from tests.support import SAMPLES, free_port, process, relay_cmd, wait_http, wait_until
 
 SECRET = "s3cret"
@@ -68,32 +66,6 @@ def write_config(tmp_path: Path, redis_url: str, secrets: Iterable[str] = (SECRE
     return path
 
 
-class LiveIngress:
-    """``create_app(config)`` served on 127.0.0.1:<free port> from its own loop and thread."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    def __enter__(self) -> LiveIngress:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.config), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(20)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
 
 
 class Answer:

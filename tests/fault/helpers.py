@@ -24,12 +24,9 @@ import aiohttp
 import redis
 from aiohttp import web
 
-from relay.config import Config
-from relay.ingress.app import create_app
 from relay.keys import Keys
 from relay.signatures import sign_ingram
 from tests.hub import INGRESS_SECRET, Received, Reply, Sink, event_body
-from tests.support import free_port
 
 REPORT_ENV = "RELAY_FAULT_REPORT"
 KEYS = Keys()
@@ -328,29 +325,3 @@ def attempt_log(client: redis.Redis, event_id: str, subscriber: str) -> list[Any
 # --- the ingress in this process -----------------------------------------------------------
 
 
-class LiveIngress:
-    """``create_app(config)`` served on 127.0.0.1:<free port> from its own loop and thread."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-
-    def __enter__(self) -> LiveIngress:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.config), access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(20)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()

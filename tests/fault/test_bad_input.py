@@ -26,7 +26,8 @@ from relay.config import load_config
 from relay.errors import EnvelopeError
 from relay.models import parse_envelope, peek_event_id
 from relay.signatures import sign_ingram
-from tests.fault.helpers import KEYS, LiveIngress
+from tests.fault.helpers import KEYS
+from tests.hub import LiveIngress
 from tests.support import SAMPLES
 
 pytestmark = pytest.mark.fault

@@ -5,7 +5,8 @@ Every key starts with the prefix, so one Redis can serve several hubs (``prefix`
 =====================  ======  ==============================================================
 key                    type    holds
 =====================  ======  ==============================================================
-seen:{id}              string  dedupe marker, expires after ``ingress.dedupe_window``
+seen:{id}              string  dedupe marker holding the token of the batch that stored the
+                               event; expires after ``ingress.dedupe_window``
 event:{id}             string  msgpack StoredEvent, expires after ``redis.retention``
 done:{id}              hash    subscriber -> unix ms of the 2xx (never deliver twice)
 log:{id}:{sub}         list    msgpack Attempt records, newest first, bounded

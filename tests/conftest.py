@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests.hub import Sink
 from tests.support import RedisServer
 
 
@@ -30,3 +31,11 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.flushall()
     yield client
     client.close()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A recording HTTP sink on 127.0.0.1 (tests/hub.py), stopped after the test."""
+    s = Sink().start()
+    yield s
+    s.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
 
@@ -68,12 +67,6 @@ def test_retry_after_header_parses_seconds_and_http_dates() -> None:
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after("-3", now) is None
 
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink().start()
-    yield s
-    s.stop()
 
 
 def test_failed_deliveries_are_retried_with_growing_jittered_gaps_until_success(

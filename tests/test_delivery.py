@@ -6,10 +6,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from relay.keys import Keys
 from relay.queue import deliver_message
@@ -28,13 +25,6 @@ from tests.hub import (
     write_config,
 )
 from tests.support import wait_until
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink().start()
-    yield s
-    s.stop()
 
 
 def test_each_subscriber_receives_exact_bytes_signed_with_its_own_secret(

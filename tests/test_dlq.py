@@ -6,10 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.hub import (
     Reply,
@@ -22,13 +19,6 @@ from tests.hub import (
     write_config,
 )
 from tests.support import ROOT, relay_cmd, wait_until
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink().start()
-    yield s
-    s.stop()
 
 
 def relay(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

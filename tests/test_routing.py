@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
-import pytest
 
 from relay.config import Backoff, Duration, Subscriber
 from relay.models import StoredEvent, parse_envelope
@@ -151,12 +149,6 @@ def test_shared_samples_route_to_the_subscribers_whose_filters_they_match() -> N
     for file, want in expected.items():
         assert names(subs, stored((SAMPLES / file).read_bytes().strip())) == want, file
 
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink().start()
-    yield s
-    s.stop()
 
 
 def test_non_matching_subscriber_receives_nothing_end_to_end(

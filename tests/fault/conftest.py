@@ -1,21 +1,14 @@
-"""Fixtures of the fault suite: recording sinks and the per-test figures report."""
+"""Fixtures of the fault suite: the per-test figures report (``sink`` is tests/conftest.py's)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.fault.helpers import EventSink, FigureReport
-
-
-@pytest.fixture
-def sink() -> Iterator[EventSink]:
-    s = EventSink().start()
-    yield s
-    s.stop()
+from tests.fault.helpers import FigureReport
 
 
 @pytest.fixture

@@ -22,11 +22,10 @@ from typing import Any
 
 import aiohttp
 import redis
-from aiohttp import web
 
 from relay.keys import Keys
 from relay.signatures import sign_ingram
-from tests.hub import INGRESS_SECRET, Received, Reply, Sink, event_body
+from tests.hub import INGRESS_SECRET, Sink, event_body
 
 REPORT_ENV = "RELAY_FAULT_REPORT"
 KEYS = Keys()
@@ -260,39 +259,6 @@ def latency_figures(latencies: list[float]) -> dict[str, float]:
             "p50_ms": round(1000 * statistics.median(latencies), 1),
             "p95_ms": round(1000 * percentile(latencies, 95), 1),
             "max_ms": round(1000 * max(latencies), 1)}
-
-
-class EventSink(Sink):
-    """A ``Sink`` whose reply can depend on the event and on how often it came:
-    ``behave_event(path, fn(event_id, k) -> Reply)``, k = 1 for the first request of that event
-    on that path."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._by_event: dict[str, Callable[[str, int], Reply]] = {}
-        self._seen: Counter[tuple[str, str]] = Counter()
-
-    def behave_event(self, path: str, fn: Callable[[str, int], Reply]) -> None:
-        with self._lock:
-            self._by_event[path] = fn
-
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        try:
-            event_id = str(json.loads(body)["eventId"])
-        except (ValueError, KeyError, TypeError):
-            event_id = ""
-        with self._lock:
-            self._seen[(request.path, event_id)] += 1
-            k = self._seen[(request.path, event_id)]
-            fn = self._by_event.get(request.path)
-        reply = fn(event_id, k) if fn else Reply()
-        if reply.delay:
-            await asyncio.sleep(reply.delay)
-        with self._lock:
-            self.received.append(Received(time.time(), request.path, dict(request.headers),
-                                          body))
-        return web.Response(status=reply.status, headers=reply.headers, text="ok")
 
 
 # --- processes -----------------------------------------------------------------------------

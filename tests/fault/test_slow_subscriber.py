@@ -37,7 +37,7 @@ def test_hung_subscriber_times_out_and_is_retried_fast_one_keeps_its_latency(
                   "backoff": {"initial": "100ms", "max": "1s"}},
         worker={"concurrency": 1, "lease_grace": "2s", "visibility_timeout": "10s"})
     # The first request for each event hangs well past the timeout; a retry is answered at once.
-    sink.behave_event("/slow", lambda event_id, k: Reply(delay=HANG) if k == 1 else Reply())
+    sink.behave_per_event("/slow", lambda event_id, k: Reply(delay=HANG) if k == 1 else Reply())
     events = bodies("SLOW", EVENTS)
 
     with ingress(config, tmp_path / "ingress.log") as url, \

@@ -46,7 +46,7 @@ def test_workers_sigkilled_repeatedly_lose_nothing(tmp_path: Path, redis_server,
     # duplicates counted below.
     rng = random.Random(4)
     for p in paths:
-        sink.behave_event(p, lambda event_id, k: Reply(delay=rng.uniform(0, 0.02)))
+        sink.behave_per_event(p, lambda event_id, k: Reply(delay=rng.uniform(0, 0.02)))
     events = bodies("WKILL", EVENTS)
     expected = {(p, e) for e in events for p in paths}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 from collections.abc import Sequence
 from typing import Any, Generic, TypeVar
 
@@ -26,16 +27,31 @@ R = TypeVar("R")
 
 
 class Batcher(Generic[T, R]):
-    """Items submitted while a batch is running wait for the next batch; one runs at a time."""
+    """Items submitted while a batch is running wait for the next batch; one runs at a time.
 
-    def __init__(self, max_batch: int = 0) -> None:
+    ``linger`` (seconds, 0 = off) is the shortest interval between the starts of two
+    batches, like Kafka's ``linger.ms``: under a steady stream of lone items (an open-loop
+    sender, one request at a time) a batch then gathers ``rate x linger`` items instead of
+    one, so whatever a batch costs downstream (a worker's ~2 ms per Celery message) is
+    shared. An item arriving after a quiet spell of ``linger`` or more goes at once, and a
+    batch that already holds ``enough`` items does not wait: lingering never costs latency
+    at low load or throughput at saturation, only up to ``linger`` under a steady stream.
+    """
+
+    def __init__(self, max_batch: int = 0, linger: float = 0.0, enough: int = 0) -> None:
         self._max_batch = max_batch  # 0: no limit
+        self._linger = linger
+        self._enough = enough or max_batch or sys.maxsize
+        self._last_start = 0.0       # loop time the last batch started
+        self._filled = asyncio.Event()
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
+        if len(self._pending) >= self._enough:
+            self._filled.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_all())
         return await future
@@ -44,8 +60,23 @@ class Batcher(Generic[T, R]):
         """One result per item, in order; raising fails every item of the batch."""
         raise NotImplementedError
 
+    async def _gather(self) -> None:
+        """Wait, at most until ``linger`` after the last batch started, for ``enough`` items."""
+        loop = asyncio.get_running_loop()
+        wait = self._last_start + self._linger - loop.time()
+        if wait > 0 and len(self._pending) < self._enough:
+            self._filled.clear()
+            try:
+                async with asyncio.timeout(wait):
+                    await self._filled.wait()
+            except TimeoutError:
+                pass
+        self._last_start = loop.time()
+
     async def _flush_all(self) -> None:
         while self._pending:
+            if self._linger:
+                await self._gather()
             cut = self._max_batch or len(self._pending)
             batch, self._pending = self._pending[:cut], self._pending[cut:]
             try:

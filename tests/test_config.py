@@ -234,6 +234,7 @@ def test_yaml_merge_keys_still_work(tmp_path):
     ("dedupe_window: 500ms", "ingress.dedupe_window"),
     ("port: 70000", "ingress.port"),
     ("max_body_bytes: 10", "ingress.max_body_bytes"),
+    ("linger: 2s", "ingress.linger"),
 ])
 def test_ingress_setting_out_of_range_is_refused(tmp_path, line, path):
     assert f"{path}:" in refused(tmp_path, MINIMAL + f"  {line}\n")

@@ -177,7 +177,8 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     redis = client if client is not None else redis_client(config.redis.url)
     keys = Keys(queue=config.worker.queue)
     store = EventStore(redis, keys, config.ingress.dedupe_window, config.redis.retention,
-                       redeliver_after=config.worker.visibility_timeout)
+                       redeliver_after=config.worker.visibility_timeout,
+                       linger=config.ingress.linger)
     app[CONFIG] = config
     app[STORE] = store
     app[METRICS] = IngressMetrics()

@@ -35,6 +35,9 @@ WRITE_TIMEOUT = 5.0
 PING_TIMEOUT = 2.0
 #: Most events stored (and fanned out by one task) together.
 MAX_BATCH = 100
+#: A batch this large is written at once, lingering or not: it already shares a Celery
+#: message widely, and at saturation waiting for more would only cost throughput.
+ENOUGH = 32
 
 # KEYS: queue, unclaimed. ARGV: key prefix, dedupe s, retention s, batch token, message,
 # redeliver-at ms, then (event id, record) pairs. Returns 1 (stored) or 0 (duplicate) per event.
@@ -65,8 +68,9 @@ class StoreUnavailable(Exception):
 
 class EventStore(Batcher[StoredEvent, bool]):
     def __init__(self, client: aioredis.Redis, keys: Keys, dedupe_seconds: float,
-                 retention_seconds: float, redeliver_after: float = 60.0) -> None:
-        super().__init__(max_batch=MAX_BATCH)
+                 retention_seconds: float, redeliver_after: float = 60.0,
+                 linger: float = 0.0) -> None:
+        super().__init__(max_batch=MAX_BATCH, linger=linger, enough=ENOUGH)
         self._client = client
         #: A fan-out message no worker has taken within this long is queued again.
         self._redeliver_ms = int(redeliver_after * 1000)

@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relay.config import Config, config_path, load_config
+from relay.gcfreeze import freeze_startup_objects
 from relay.keys import Keys
 from relay.logs import setup_logging
 from relay.queue import DELIVER_TASK
@@ -128,6 +129,13 @@ def _json_logs(loglevel: int | str | None = None, **_: Any) -> None:
     """JSON lines under ``celery -A workers.app worker`` too (Celery then leaves logging alone)."""
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
     setup_logging(str(level))
+
+
+@signals.worker_process_init.connect
+@signals.worker_ready.connect
+def _freeze_startup_objects(**_: Any) -> None:
+    """Pool processes once forked, the main process once ready (relay/gcfreeze.py: why)."""
+    log.debug("startup objects frozen", extra={"objects": freeze_startup_objects()})
 
 
 @signals.worker_process_shutdown.connect

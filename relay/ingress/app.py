@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.config import Config
 from relay.errors import EnvelopeError, SignatureError
+from relay.gcfreeze import freeze_startup_objects
 from relay.ingress.store import EventStore, StoreUnavailable
 from relay.keys import Keys
 from relay.metrics import IngressMetrics
@@ -193,6 +194,10 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     async def close_redis(app: web.Application) -> None:
         await redis.aclose()
 
+    async def freeze(app: web.Application) -> None:
+        freeze_startup_objects()  # relay/gcfreeze.py: why
+
+    app.on_startup.append(freeze)
     app.on_cleanup.append(close_redis)
     return app
 

@@ -89,7 +89,8 @@ class Bench:
         self.sinks: Sinks | None = None
         self.ingress: Ingress | None = None
         self.worker_settings = {"pool": args.pool, "concurrency": args.concurrency,
-                                "max_in_flight": args.max_in_flight}
+                                "max_in_flight": args.max_in_flight,
+                                "max_connections": args.max_connections}
         self.failures: list[str] = []
 
     # -- helpers ----------------------------------------------------------------------------
@@ -613,6 +614,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                    help="worker.pool")
     p.add_argument("--max-in-flight", type=int, default=1000, help="worker.max_in_flight")
+    p.add_argument("--max-connections", type=int, default=128, help="worker.max_connections")
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
     p.add_argument("--phases", default="ceiling,ingress,egress,e2e,long",
                    help="comma-separated subset of ceiling,ingress,egress,e2e,long")

@@ -92,6 +92,11 @@ class WorkerSettings(_Strict, frozen=True):
     #: Deliveries one worker process keeps in flight at once, shared equally among subscribers;
     #: past its share, a subscriber's attempts wait in the Redis schedule.
     max_in_flight: int = 1000
+    #: Posts *open* at once per worker process, shared equally among subscribers (at least 2
+    #: each); a subscriber's other attempts in flight wait their turn in the process. Many
+    #: more open posts than this cost every post more CPU (docs/benchmarks.md) and flood
+    #: subscribers, without delivering faster.
+    max_connections: int = 128
     #: Broker visibility timeout: a task fetched by a worker that died is handed out again
     #: after this long. Kept short so a SIGKILLed worker's tasks come back within the
     #: SPEC's two minutes; tasks here finish in milliseconds, so it is never hit by a live one.
@@ -297,6 +302,8 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
         raise fail("worker.concurrency", "must be at least 1")
     if raw.worker.max_in_flight < 1:
         raise fail("worker.max_in_flight", "must be at least 1")
+    if raw.worker.max_connections < 1:
+        raise fail("worker.max_connections", "must be at least 1")
 
     seen: set[str] = set()
     subscribers = []

@@ -61,6 +61,9 @@ class Sink:
         self._per_event: dict[str, Callable[[str, int], Reply]] = {}
         self._counts: dict[str, int] = {}
         self._event_counts: dict[tuple[str, str], int] = {}
+        self._open: dict[str, int] = {}
+        #: The most requests a path had open at once.
+        self.peak_open: dict[str, int] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -92,6 +95,9 @@ class Sink:
         with self._lock:
             n = self._counts.get(request.path, 0) + 1
             self._counts[request.path] = n
+            self._open[request.path] = self._open.get(request.path, 0) + 1
+            self.peak_open[request.path] = max(self.peak_open.get(request.path, 0),
+                                               self._open[request.path])
             fn = self._behaviour.get(request.path)
             per_event = self._per_event.get(request.path)
             choose: Callable[[], Reply] = functools.partial(fn, n) if fn else Reply
@@ -107,6 +113,7 @@ class Sink:
         if reply.delay:
             await asyncio.sleep(reply.delay)
         with self._lock:
+            self._open[request.path] -= 1
             self.received.append(Received(time.time(), request.path, dict(request.headers),
                                           body))
         return web.Response(status=reply.status, headers=reply.headers, text="ok")

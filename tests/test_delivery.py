@@ -173,6 +173,50 @@ def test_a_slow_subscriber_filling_its_share_of_max_in_flight_does_not_delay_a_f
         slow.stop()
 
 
+def test_a_subscriber_never_has_more_posts_open_than_its_share_of_max_connections(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "a", "url": sink.url("/a"), "secret": "s"},
+        {"name": "b", "url": sink.url("/b"), "secret": "s"},
+    ], worker={"max_connections": 6})
+    sink.behave("/a", lambda n: Reply(200, delay=0.2))
+    sink.behave("/b", lambda n: Reply(200, delay=0.2))
+    events = [f"EVLANE{i:02d}" for i in range(15)]
+    with worker(config, tmp_path / "worker.log"):
+        for event_id in events:
+            enqueue_event(redis_client, event_body(event_id))
+        got_a = sink.wait_for("/a", len(events), timeout=20)
+        got_b = sink.wait_for("/b", len(events), timeout=20)
+    # One worker process: 6 connections shared by 2 subscribers, 3 posts each at a time;
+    # the rest waited their turn in the process, none was parked or lost.
+    assert sink.peak_open == {"/a": 3, "/b": 3}
+    assert sorted(r.event_id for r in got_a) == events
+    assert sorted(r.event_id for r in got_b) == events
+
+
+def test_attempts_waiting_in_a_lane_longer_than_a_lease_are_not_posted_twice(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Each waiting attempt's lease (timeout + grace = 1.5 s) would fall due long before
+    its turn (up to ~4 s): the worker renews the leases of what it holds."""
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "slowish", "url": sink.url("/slowish"), "secret": "s"},
+    ], delivery={"timeout": "1s", "max_attempts": 5,
+                 "backoff": {"initial": "200ms", "max": "1s"}},
+        worker={"max_connections": 2, "lease_grace": "500ms", "visibility_timeout": "10s"})
+    sink.behave("/slowish", lambda n: Reply(200, delay=0.4))
+    events = [f"EVWAIT{i:02d}" for i in range(20)]
+    with worker(config, tmp_path / "worker.log"):
+        for event_id in events:
+            enqueue_event(redis_client, event_body(event_id))
+        sink.wait_for("/slowish", len(events), timeout=30)
+        wait_until(lambda: redis_client.zcard(Keys().schedule) == 0, 10, what="leases gone")
+        time.sleep(1.0)  # a lease that fell due would be posted again by now
+    got = Counter(r.event_id for r in sink.on("/slowish"))
+    assert got == Counter(events), {e: n for e, n in got.items() if n > 1}
+    assert sink.peak_open["/slowish"] == 2
+    assert dead_letters(redis_client) == {}
+
+
 def test_worker_sigkilled_mid_fan_out_loses_no_delivery(
         tmp_path: Path, redis_server, redis_client) -> None:
     sinks = [Sink().start() for _ in range(5)]

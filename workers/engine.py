@@ -4,11 +4,12 @@ Celery runs tasks synchronously, one at a time per pool slot; a delivery that wa
 slow subscriber would hold that slot and delay every other event behind it. So a task only
 *starts* deliveries: it loads the event, leases every pending (event, subscriber) attempt in
 the schedule (see ``workers/ledger.py``), hands the posts to this process's event loop and
-returns. The loop keeps up to ``worker.max_in_flight`` posts open on one shared
-``aiohttp.ClientSession`` (keep-alive across tasks), shared equally among subscribers: an
-attempt whose subscriber has its whole share in flight is parked in the schedule, paced at the
-rate that subscriber answers, so memory stays flat and a slow subscriber fills only its own
-share. A slow subscriber costs open sockets, never another subscriber's turn.
+returns. The loop holds up to ``worker.max_in_flight`` attempts, shared equally among
+subscribers; an attempt whose subscriber holds its whole share is parked in the schedule,
+paced at the rate that subscriber answers, so memory stays flat and a slow subscriber fills
+only its own share. Of a subscriber's attempts, only its *lane* (``worker.max_connections``
+shared equally) are open posts at once, on one shared ``aiohttp.ClientSession``; the rest wait
+in order. A slow subscriber costs open sockets, never another subscriber's turn.
 
 Because each attempt is leased in Redis before it starts, a SIGKILL at any moment loses
 nothing: the lease falls due and the scheduler queues the attempt again.
@@ -17,12 +18,14 @@ nothing: the lease falls due and the scheduler queues the attempt again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -48,6 +51,26 @@ INITIAL_LATENCY = 0.1
 PARK_JITTER_MS = 200
 #: How long an outcome write is retried while Redis is away before the lease takes over.
 PERSIST_FOR = 120.0
+#: Fewest posts a subscriber may have open at once, however many subscribers share
+#: ``worker.max_connections``.
+MIN_LANE = 2
+#: Back-pressure: a task waits up to ROOM_WAIT seconds for room in the lanes that drain
+#: quickly (all they hold posted within QUICK_DRAIN seconds at their recent latency).
+ROOM_WAIT = 2.0
+QUICK_DRAIN = 0.5
+
+
+class Lane:
+    """One subscriber's attempts in one process: ``width`` posts open at most, the rest wait
+    in arrival order (each leased in Redis; ``Engine._keep_leases`` keeps the lease ahead)."""
+
+    def __init__(self, width: int, hold: int) -> None:
+        self.width = width
+        self.hold = hold        # most attempts held (open + waiting) before parking
+        self.held = 0
+        self.open = 0
+        self.last_done = 0.0    # loop time a post of this lane last ended
+        self.waiting: deque[tuple[StoredEvent, Subscriber, int, bytes]] = deque()
 
 
 class Engine:
@@ -67,12 +90,13 @@ class Engine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _setup(self) -> None:
-        # Posts in flight per subscriber. Each subscriber may hold an equal share of
-        # worker.max_in_flight, so the total stays bounded (flat memory) and a subscriber that
-        # is slow can fill only its own share.
-        self._busy: dict[str, int] = {}
-        self._share = max(1, self.config.worker.max_in_flight
-                          // max(1, len(self.config.subscribers)))
+        # Each subscriber may hold an equal share of worker.max_in_flight, so the total stays
+        # bounded (flat memory) and a slow one fills only its own share; and may have an
+        # equal share of worker.max_connections open: a thousand concurrent posts from one
+        # process cost each post twice the CPU of a hundred (docs/benchmarks.md).
+        self._lanes = {sub.name: self._lane() for sub in self.config.subscribers}
+        self._leases: dict[bytes, tuple[int, Subscriber]] = {}  # held: lease -> (due ms, sub)
+        self._freed = asyncio.Event()  # set whenever a held attempt ends
         self._latency: dict[str, float] = {}     # recent post latency (s), per subscriber
         self._next_free: dict[str, float] = {}   # pacing clock for parked attempts (unix ms)
         self._redis = aioredis.Redis.from_url(self.config.redis.url, socket_connect_timeout=2,
@@ -80,8 +104,14 @@ class Engine:
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._keeper = asyncio.create_task(self._keep_leases())
 
     # -- called from the Celery task thread -------------------------------------------------
+
+    def _lane(self) -> Lane:
+        n = max(1, len(self.config.subscribers))
+        share = max(1, self.config.worker.max_in_flight // n)
+        return Lane(min(share, max(MIN_LANE, self.config.worker.max_connections // n)), share)
 
     def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
               batch: str | None = None) -> int:
@@ -89,12 +119,15 @@ class Engine:
         return self._call(self._start(event_ids, subscribers, attempt, batch))
 
     def drain(self, timeout: float) -> int:
-        """Wait up to ``timeout`` for in-flight deliveries; returns how many were left."""
+        """Wait up to ``timeout`` for held deliveries; returns how many were left (their
+        leases bring them back)."""
         async def wait() -> int:
-            pending = list(self._tasks)
-            if pending:
-                await asyncio.wait(pending, timeout=timeout)
-            return sum(1 for t in pending if not t.done())
+            deadline = time.monotonic() + timeout
+            # A post that ends opens the next waiting one of its lane: wait for those too.
+            while self._tasks and time.monotonic() < deadline:
+                await asyncio.wait(list(self._tasks), timeout=deadline - time.monotonic(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            return sum(lane.held for lane in self._lanes.values())
 
         left = self._call(wait())
         self._call(self._close())
@@ -102,6 +135,7 @@ class Engine:
         return left
 
     async def _close(self) -> None:
+        self._keeper.cancel()
         await self._session.close()
         await self._redis.aclose()
 
@@ -113,6 +147,7 @@ class Engine:
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
         taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
+        await self._room(len(ids))
         now = now_ms()
         leases: dict[bytes, int] = {}
         launch: list[tuple[StoredEvent, Subscriber, bytes]] = []
@@ -136,17 +171,17 @@ class Engine:
                     log.warning("dead-lettered", extra={
                         "eventId": event_id, "subscriber": sub.name,
                         "reason": "last attempt lost"})
-                elif self._busy.get(sub.name, 0) >= self._share:
-                    # This subscriber already holds its share of the process's posts: park
+                elif (lane := self._lanes[sub.name]).held >= lane.hold:
+                    # This subscriber already holds its share of the process's attempts: park
                     # the attempt in the schedule (not in memory, not counted as an attempt)
                     # rather than wait, so its slowness never holds up anyone else.
                     parked.append(sub.name)
                     park_at = max(park_at, self._parking_slot(sub.name, now))
                 else:
                     lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
-                    leases[lease] = now + int((sub.timeout + self._grace) * 1000)
+                    leases[lease] = now + self._lease_ms(sub)
                     launch.append((event, sub, lease))
-                    self._busy[sub.name] = self._busy.get(sub.name, 0) + 1
+                    lane.held += 1
             if parked:
                 # One message per event for all its parked subscribers: a Celery message costs
                 # ~2 ms of worker CPU, so one per (event, subscriber) would turn a burst into
@@ -156,28 +191,107 @@ class Engine:
             await self.ledger.lease(leases, taken)
         except BaseException:
             for _, sub, _ in launch:
-                self._busy[sub.name] -= 1
+                self._lanes[sub.name].held -= 1
             raise
         for event, sub, lease in launch:
-            task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
-            self._tasks.add(task)
-            task.add_done_callback(functools.partial(self._finished, sub.name))
+            self._leases[lease] = (leases[lease], sub)
+            lane = self._lanes[sub.name]
+            if lane.open < lane.width:
+                self._open(lane, event, sub, attempt, lease)
+            else:
+                lane.waiting.append((event, sub, attempt, lease))
         return len(launch)
+
+    def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
+              lease: bytes) -> None:
+        lane.open += 1
+        task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._finished, lane, lease))
+
+    async def _room(self, events: int) -> None:
+        """Wait (up to ROOM_WAIT) until each lane that drains quickly has room for a task's
+        ``events``. Without this a saturated worker takes message after message, parks what
+        its lanes cannot hold, and the parked attempts come back as more messages (~2 ms of
+        CPU each): the backlog cycles through the schedule instead of waiting in the Redis
+        queue. A lane that drains slowly is never waited for (its attempts are parked), and
+        one whose posts stop ending counts as slow after QUICK_DRAIN: a subscriber that
+        hangs holds others up by half a second at most, once."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ROOM_WAIT
+        while any(self._crowded(name, lane, loop.time(), events)
+                  for name, lane in self._lanes.items()):
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._freed.clear()
+            # Look again at least every 0.1 s: a lane that stops answering turns slow.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 0.1)):
+                    await self._freed.wait()
+
+    def _crowded(self, name: str, lane: Lane, now: float, events: int) -> bool:
+        """Too full for ``events`` more, yet draining quickly: worth waiting for."""
+        if lane.held + min(events, max(1, lane.hold // 2)) <= lane.hold:
+            return False
+        if now - lane.last_done > QUICK_DRAIN:
+            return False  # nothing ended lately: its posts hang, whatever its past latency
+        drain = lane.held * self._latency.get(name, INITIAL_LATENCY) / lane.width
+        return drain < QUICK_DRAIN
+
+    def _lease_ms(self, sub: Subscriber) -> int:
+        """How long a lease lasts past its last renewal: the post, then the grace."""
+        return int((sub.timeout + self._grace) * 1000)
+
+    async def _keep_leases(self) -> None:
+        """Push back the leases of attempts this process still holds before they fall due.
+
+        An attempt may wait in its lane behind slow posts for longer than one post's
+        timeout; its lease must not fall due meanwhile (the scheduler would queue it again:
+        a duplicate post). So, like SQS's ChangeMessageVisibility or a Celery visibility
+        timeout renewed while a task runs, a live worker renews what it holds, and a dead
+        one's leases fall due ``timeout + lease_grace`` after its last renewal. Nothing is
+        written while deliveries finish quickly: only leases within half a grace of due.
+        """
+        interval = max(0.1, min(5.0, self._grace / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = now_ms()
+            soon = now + int(self._grace * 500)
+            renew = {lease: now + self._lease_ms(sub)
+                     for lease, (due, sub) in self._leases.items()
+                     if due - int(sub.timeout * 1000) < soon}
+            if not renew:
+                continue
+            try:
+                await self.ledger.renew(renew)
+            except (RedisError, OSError) as exc:
+                log.warning("could not renew leases; retrying", extra={"error": repr(exc)})
+                continue
+            for lease, due in renew.items():
+                if lease in self._leases:
+                    self._leases[lease] = (due, self._leases[lease][1])
 
     def _parking_slot(self, name: str, now: int) -> int:
         """When a parked attempt should come back: paced at the rate this subscriber frees
-        posts (its share / its recent latency), so a long backlog behind a slow subscriber
-        returns at the rate it can be served instead of cycling through the queue."""
-        pace_ms = 1000 * self._latency.get(name, INITIAL_LATENCY) / self._share
+        posts (its lane's width / its recent latency), so a long backlog behind a slow
+        subscriber returns at the rate it can be served instead of cycling through the queue."""
+        pace_ms = 1000 * self._latency.get(name, INITIAL_LATENCY) / self._lanes[name].width
         slot = max(now, self._next_free.get(name, 0.0)) + pace_ms
         self._next_free[name] = slot
         return int(slot) + random.randint(0, PARK_JITTER_MS)
 
-    def _finished(self, name: str, task: asyncio.Task[None]) -> None:
+    def _finished(self, lane: Lane, lease: bytes, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._busy[name] -= 1
+        self._leases.pop(lease, None)
+        lane.held -= 1
+        lane.open -= 1
+        lane.last_done = self._loop.time()
+        self._freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
+        if lane.waiting and lane.open < lane.width:
+            self._open(lane, *lane.waiting.popleft())
 
     def _targets(self, event: StoredEvent, names: list[str] | None, done: set[str]
                  ) -> list[Subscriber]:
@@ -197,6 +311,8 @@ class Engine:
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
                        lease: bytes) -> None:
         outcome = await http.attempt(self._session, sub, event)
+        # The outcome write below re-scores or removes the lease: stop renewing it first.
+        self._leases.pop(lease, None)
         seen = self._latency.get(sub.name, INITIAL_LATENCY)
         self._latency[sub.name] = 0.8 * seen + 0.2 * outcome.latency_ms / 1000
         record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms)

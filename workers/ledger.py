@@ -133,6 +133,14 @@ class Ledger:
         if commands:
             await self._run(commands)
 
+    async def renew(self, leases: dict[bytes, int]) -> None:
+        """Re-score held leases (``{message: due_ms}``); one already removed (its attempt
+        ended) or moved to the queue stays so (``XX``)."""
+        args: list[Any] = []
+        for member, due in leases.items():
+            args += [due, member]
+        await self._run([("ZADD", self._k.schedule, "XX", *args)])
+
     async def succeeded(self, event_id: str, sub: str, lease: bytes, record: Attempt) -> None:
         await self._script(SUCCEEDED, (self._k.done(event_id), self._k.log(event_id, sub),
                                        self._k.schedule),

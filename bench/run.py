@@ -285,7 +285,7 @@ class Bench:
         self.sinks.record(True)
         try:
             r = self.loadgen(f"latency-fo{fanout}", [self.ingress.url], f"lat-fo{fanout}-", n,
-                             engine="aiohttp", mode="open", rate=events_per_s, record=True,
+                             mode="open", rate=events_per_s, record=True,
                              concurrency=256,
                              deadline=self.plan.latency_seconds * 3 + n / events_per_s + 10)
             self.sinks.wait_count(n * fanout, 30)
@@ -363,7 +363,7 @@ class Bench:
             seconds = events / events_per_s
             self.say(f"long run: {events * fanout} deliveries at {events_per_s:.0f} events/s "
                      f"(fan-out {fanout}, about {seconds:.0f}s)")
-            r = self.loadgen("long", [self.ingress.url], "long-", events, engine="aiohttp",
+            r = self.loadgen("long", [self.ingress.url], "long-", events,
                              mode="open", rate=events_per_s, concurrency=256,
                              deadline=seconds * 2 + 60)
             # A backlog left when sending ends (offered load above capacity) drains here.
@@ -605,9 +605,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=64,
                    help="load generator connections for the ceiling and the ingress")
     p.add_argument("--engine", choices=["raw", "aiohttp"], default="raw",
-                   help="load generator for the ceiling, the ingress and end to end: raw "
-                        "asyncio HTTP/1.1 (default) or aiohttp.ClientSession (slower: on 2 "
-                        "cores it may measure itself rather than the server)")
+                   help="load generator for everything sent to the ingress: raw asyncio "
+                        "HTTP/1.1 (default) or aiohttp.ClientSession (slower: on 2 cores it "
+                        "may measure itself rather than the server)")
     p.add_argument("--egress-in-flight", type=int, default=128,
                    help="in-flight posts of the raw egress client (split over its processes)")
     p.add_argument("--concurrency", type=int, default=2, help="worker.concurrency")

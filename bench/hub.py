@@ -73,10 +73,11 @@ class Sinks:
 
 
 def write_config(path: Path, redis_url: str, ingress_port: int, subscribers: list[str],
-                 worker: dict[str, Any]) -> Path:
+                 worker: dict[str, Any], ingress: dict[str, Any] | None = None) -> Path:
     doc = {
         "redis": {"url": redis_url},
-        "ingress": {"secrets": [INGRESS_SECRET], "host": "127.0.0.1", "port": ingress_port},
+        "ingress": {"secrets": [INGRESS_SECRET], "host": "127.0.0.1", "port": ingress_port,
+                    **(ingress or {})},
         "delivery": {"timeout": "10s", "max_attempts": 8,
                      "backoff": {"initial": "1s", "max": "10s"}},
         "worker": worker,

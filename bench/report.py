@@ -63,18 +63,27 @@ def _mb(kb: float | None) -> str:
     return "-" if not kb else f"{kb / 1024:,.1f} MB"
 
 
+def _rounds(figure: dict[str, Any] | None) -> str:
+    """", median of 3 rounds: a / b / c" for a figure measured in alternating rounds."""
+    rounds = (figure or {}).get("rounds") or []
+    if len(rounds) < 2:
+        return ""
+    return f", median of {len(rounds)} rounds: " + " / ".join(f"{x:,.0f}" for x in rounds)
+
+
 def rows(r: dict[str, Any]) -> list[list[str]]:
     """[measure, value, reference, ratio, target, result]."""
     out: list[list[str]] = []
     ceiling = _get(r, "ceiling", "rps")
-    out.append(["bare aiohttp handler (ceiling)", _n(ceiling, " req/s"), "", "", "", ""])
+    out.append([f"bare aiohttp handler (ceiling{_rounds(_get(r, 'ceiling'))})",
+                _n(ceiling, " req/s"), "", "", "", ""])
     t = {x["name"]: x for x in targets(r)}
     for mode in ("everysec", "always"):
         ing = _get(r, "ingress", mode)
         if not ing:
             continue
         ratio = _ratio(ing["events_per_s"], ceiling)
-        stored = f"{ing['stored']:,}/{ing['requests']:,} stored"
+        stored = f"{ing['stored']:,}/{ing['requests']:,} stored{_rounds(ing)}"
         if mode == "everysec":
             tt = t["ingress events/s >= 0.5 x bare aiohttp ceiling"]
             target, result = tt["target"], _verdict(tt["pass"])

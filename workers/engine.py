@@ -268,6 +268,9 @@ class Engine:
             except (RedisError, OSError) as exc:
                 log.warning("could not renew leases; retrying", extra={"error": repr(exc)})
                 continue
+            except Exception:  # a keeper that died would let held attempts be posted twice
+                log.exception("renewing leases failed; retrying")
+                continue
             for lease, due in renew.items():
                 if lease in self._leases:
                     self._leases[lease] = (due, self._leases[lease][1])

@@ -217,6 +217,28 @@ def test_attempts_waiting_in_a_lane_longer_than_a_lease_are_not_posted_twice(
     assert dead_letters(redis_client) == {}
 
 
+def test_a_saturated_worker_leaves_the_backlog_in_the_queue_instead_of_parking_it(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Back-pressure: with its lane full but draining fast, a task waits for room; parking
+    would put one schedule member per event (each back later as one more Celery message)."""
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "fast", "url": sink.url("/fast"), "secret": "s"},
+    ], worker={"concurrency": 1, "max_in_flight": 10, "max_connections": 2})
+    sink.behave("/fast", lambda n: Reply(200, delay=0.01))
+    events = [f"EVBP{i:03d}" for i in range(120)]
+    for event_id in events:
+        enqueue_event(redis_client, event_body(event_id))
+    peak = 0
+    with worker(config, tmp_path / "worker.log"):
+        deadline = time.monotonic() + 60
+        while len(sink.on("/fast")) < len(events) and time.monotonic() < deadline:
+            peak = max(peak, redis_client.zcard(Keys().schedule))
+            time.sleep(0.005)
+    # The schedule holds this process's leases (at most max_in_flight) and nothing parked.
+    assert peak <= 10, peak
+    assert Counter(r.event_id for r in sink.on("/fast")) == Counter(events)
+
+
 def test_worker_sigkilled_mid_fan_out_loses_no_delivery(
         tmp_path: Path, redis_server, redis_client) -> None:
     sinks = [Sink().start() for _ in range(5)]

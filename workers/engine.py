@@ -69,7 +69,7 @@ class Lane:
         self.hold = hold        # most attempts held (open + waiting) before parking
         self.held = 0
         self.open = 0
-        self.last_done = 0.0    # loop time a post of this lane last ended
+        self.last_done = 0.0    # loop time a post of this lane last ended (or an idle one began)
         self.waiting: deque[tuple[StoredEvent, Subscriber, int, bytes]] = deque()
 
 
@@ -204,6 +204,8 @@ class Engine:
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
               lease: bytes) -> None:
+        if lane.open == 0:
+            lane.last_done = self._loop.time()  # an idle lane starting again counts as moving
         lane.open += 1
         task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
         self._tasks.add(task)

@@ -22,6 +22,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -131,8 +132,41 @@ class Result:
                 "records": self.records if self.record else None}
 
 
-async def run_raw_closed(reqs: Requests, concurrency: int, deadline: float, res: Result) -> None:
+async def _send(conn: _Conn | None, request: tuple[str, int, bytes], res: Result
+                ) -> tuple[_Conn | None, int]:
+    """Send on ``conn`` (a new connection if it is missing or closed): the connection and the
+    status, or (None, 0) with the error counted in ``res``."""
+    host, port, data = request
+    try:
+        if conn is None or conn.transport is None or conn.transport.is_closing():
+            _, conn = await asyncio.get_running_loop().create_connection(_Conn, host, port)
+        return conn, await conn.request(data)
+    except OSError as exc:
+        res.errors[type(exc).__name__] += 1
+        return None, 0
+
+
+async def _paced(count: int, rate: float, deadline: float,
+                 one: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """Open loop: start ``one(i)`` at ``t0 + i / rate`` whatever happened to the others, then
+    wait (until ``deadline``) for those still running."""
     loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+    t0 = loop.time()
+    for i in range(count):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if time.monotonic() > deadline:
+            break
+        task = loop.create_task(one(i))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks), timeout=max(0.1, deadline - time.monotonic()))
+
+
+async def run_raw_closed(reqs: Requests, concurrency: int, deadline: float, res: Result) -> None:
     prepared = [reqs.raw(i) for i in range(len(reqs))]
     next_index = 0
 
@@ -142,17 +176,10 @@ async def run_raw_closed(reqs: Requests, concurrency: int, deadline: float, res:
         while next_index < len(prepared) and time.monotonic() < deadline:
             i = next_index
             next_index += 1
-            host, port, data = prepared[i]
             started = time.perf_counter()
-            try:
-                if conn is None or conn.transport is None or conn.transport.is_closing():
-                    _, conn = await loop.create_connection(_Conn, host, port)
-                status = await conn.request(data)
-            except OSError as exc:
-                res.errors[type(exc).__name__] += 1
-                conn = None
-                continue
-            res.done(reqs.ids[i], status, started)
+            conn, status = await _send(conn, prepared[i], res)
+            if conn is not None:
+                res.done(reqs.ids[i], status, started)
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
@@ -165,40 +192,20 @@ async def run_raw_open(reqs: Requests, concurrency: int, rate: float, deadline: 
                        res: Result) -> None:
     """Request *i* at ``t0 + i / rate`` on an idle keep-alive connection (a new one when none
     is idle, at most ``concurrency`` in flight), whatever happened to the others."""
-    loop = asyncio.get_running_loop()
     prepared = [reqs.raw(i) for i in range(len(reqs))]
     idle: list[_Conn] = []
     slots = asyncio.Semaphore(concurrency)
-    tasks: set[asyncio.Task[None]] = set()
 
     async def one(i: int) -> None:
-        host, port, data = prepared[i]
         started = time.perf_counter()
         async with slots:
-            conn = idle.pop() if idle else None
-            try:
-                if conn is None or conn.transport is None or conn.transport.is_closing():
-                    _, conn = await loop.create_connection(_Conn, host, port)
-                status = await conn.request(data)
-            except OSError as exc:
-                res.errors[type(exc).__name__] += 1
-                return
-            res.done(reqs.ids[i], status, started)
-            idle.append(conn)
+            conn, status = await _send(idle.pop() if idle else None, prepared[i], res)
+            if conn is not None:
+                res.done(reqs.ids[i], status, started)
+                idle.append(conn)
 
     res.t_start = time.time()
-    t0 = loop.time()
-    for i in range(len(prepared)):
-        delay = t0 + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if time.monotonic() > deadline:
-            break
-        task = loop.create_task(one(i))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.wait(set(tasks), timeout=max(0.1, deadline - time.monotonic()))
+    await _paced(len(prepared), rate, deadline, one)
     res.t_end = time.time()
     for conn in idle:
         if conn.transport is not None:
@@ -237,18 +244,7 @@ async def run_aiohttp(reqs: Requests, mode: str, concurrency: int, rate: float,
 
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(reqs)))))
         else:
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            tasks = []
-            for i in range(len(reqs)):
-                delay = t0 + i / rate - loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                if time.monotonic() > deadline:
-                    break
-                tasks.append(asyncio.create_task(one(i)))
-            if tasks:
-                await asyncio.wait(tasks, timeout=max(0.1, deadline - time.monotonic()))
+            await _paced(len(reqs), rate, deadline, one)
         res.t_end = time.time()
 
 

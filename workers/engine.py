@@ -94,7 +94,10 @@ class Engine:
         # bounded (flat memory) and a slow one fills only its own share; and may have an
         # equal share of worker.max_connections open: a thousand concurrent posts from one
         # process cost each post twice the CPU of a hundred (docs/benchmarks.md).
-        self._lanes = {sub.name: self._lane() for sub in self.config.subscribers}
+        n = max(1, len(self.config.subscribers))
+        share = max(1, self.config.worker.max_in_flight // n)
+        width = min(share, max(MIN_LANE, self.config.worker.max_connections // n))
+        self._lanes = {sub.name: Lane(width, share) for sub in self.config.subscribers}
         self._leases: dict[bytes, tuple[int, Subscriber]] = {}  # held: lease -> (due ms, sub)
         self._freed = asyncio.Event()  # set whenever a held attempt ends
         self._latency: dict[str, float] = {}     # recent post latency (s), per subscriber
@@ -107,11 +110,6 @@ class Engine:
         self._keeper = asyncio.create_task(self._keep_leases())
 
     # -- called from the Celery task thread -------------------------------------------------
-
-    def _lane(self) -> Lane:
-        n = max(1, len(self.config.subscribers))
-        share = max(1, self.config.worker.max_in_flight // n)
-        return Lane(min(share, max(MIN_LANE, self.config.worker.max_connections // n)), share)
 
     def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
               batch: str | None = None) -> int:

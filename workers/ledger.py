@@ -73,6 +73,11 @@ redis.call('ZADD', KEYS[3], 'XX', ARGV[3], ARGV[5])
 """)
 
 _encode = msgspec.msgpack.Encoder().encode
+
+
+def _scored(members: dict[bytes, int]) -> list[Any]:
+    """``{member: score}`` as ZADD's ``score member ...`` arguments."""
+    return [x for member, score in members.items() for x in (score, member)]
 _decode_event = msgspec.msgpack.Decoder(StoredEvent).decode
 _decode_attempts = msgspec.msgpack.Decoder(Attempt).decode
 decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
@@ -124,10 +129,7 @@ class Ledger:
         drop ``taken`` (the message of the task doing this) from ``unclaimed``."""
         commands: list[tuple[Any, ...]] = []
         if leases:
-            args: list[Any] = []
-            for member, due in leases.items():
-                args += [due, member]
-            commands.append(("ZADD", self._k.schedule, *args))
+            commands.append(("ZADD", self._k.schedule, *_scored(leases)))
         if taken is not None:
             commands.append(("ZREM", self._k.unclaimed, taken))
         if commands:
@@ -136,10 +138,7 @@ class Ledger:
     async def renew(self, leases: dict[bytes, int]) -> None:
         """Re-score held leases (``{message: due_ms}``); one already removed (its attempt
         ended) or moved to the queue stays so (``XX``)."""
-        args: list[Any] = []
-        for member, due in leases.items():
-            args += [due, member]
-        await self._run([("ZADD", self._k.schedule, "XX", *args)])
+        await self._run([("ZADD", self._k.schedule, "XX", *_scored(leases))])
 
     async def succeeded(self, event_id: str, sub: str, lease: bytes, record: Attempt) -> None:
         await self._script(SUCCEEDED, (self._k.done(event_id), self._k.log(event_id, sub),

@@ -17,7 +17,11 @@ from pathlib import Path
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+#: The shared contract data (samples, signature vectors) beside the repository; a clone on its
+#: own falls back to the snapshot in tests/shared (kept equal by test_shared_snapshot.py).
+SHARED_BESIDE = ROOT.parent / "shared"
+SNAPSHOT = ROOT / "tests" / "shared"
+SHARED = SHARED_BESIDE if (SHARED_BESIDE / "signature_vectors.json").exists() else SNAPSHOT
 SAMPLES = SHARED / "samples"
 
 

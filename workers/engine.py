@@ -93,7 +93,7 @@ class Engine:
         # Each subscriber may hold an equal share of worker.max_in_flight, so the total stays
         # bounded (flat memory) and a slow one fills only its own share; and may have an
         # equal share of worker.max_connections open: a thousand concurrent posts from one
-        # process cost each post twice the CPU of a hundred (docs/benchmarks.md).
+        # process cost each post twice the client CPU of 64 (docs/benchmarks.md).
         n = max(1, len(self.config.subscribers))
         share = max(1, self.config.worker.max_in_flight // n)
         width = min(share, max(MIN_LANE, self.config.worker.max_connections // n))

@@ -47,6 +47,10 @@ class Batcher(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
+    def set_linger(self, linger: float) -> None:
+        """A reload may change it; the next batch uses the new value."""
+        self._linger = linger
+
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
@@ -110,19 +114,22 @@ class GroupCommit(Batcher[Sequence[Command], list[Any]]):
         """
         return await self.submit(commands)
 
-    async def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def script(self, script: Script, keys: Sequence[Any], args: Sequence[Any],
+                     then: Sequence[Command] = ()) -> Any:
         """Run a Lua script in the next round trip; its result (or the error it raised).
 
         EVALSHA, loading the script once when Redis answers NOSCRIPT (first use, or a Redis
         that restarted): a script that raised NOSCRIPT did not run, so running it again is safe.
+        ``then``: commands sent right after it in the same round trip (e.g. ``WAIT``); with
+        them, the result is ``(script result, [their results])``.
         """
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        (result,) = await self.execute([command])
+        result, *after = await self.execute([command, *then])
         if isinstance(result, NoScriptError):
             async with asyncio.timeout(self._timeout):
                 await self._client.script_load(script.text)
-            (result,) = await self.execute([command])
-        return result
+            result, *after = await self.execute([command, *then])
+        return (result, after) if then else result
 
     async def _run(self, items: list[Sequence[Command]]) -> list[list[Any]]:
         async with asyncio.timeout(self._timeout), \

@@ -24,8 +24,12 @@ import msgspec
 import yaml
 
 from relay.errors import ConfigError
+from relay.masking import mask_url
 
 DEFAULT_CONFIG_PATH = "config/relay.yaml"
+#: When set, replaces ``redis.url`` (and turns Sentinel off): ``relay up`` uses it to point
+#: the processes it starts at the Redis it started.
+REDIS_URL_OVERRIDE = "RELAY_REDIS_URL"
 
 SignatureScheme = Literal["ingram", "standard", "both"]
 
@@ -49,6 +53,24 @@ class Duration(float):
         raise ValueError(f"expected a duration such as 500ms, 10s, 5m, 2h or 7d, got {value!r}")
 
 
+class Rate(float):
+    """Attempts per second, written in YAML as ``50/s`` or ``120/m``."""
+
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*$")
+
+    @classmethod
+    def parse(cls, value: object) -> Rate:
+        if isinstance(value, str):
+            match = cls._PATTERN.match(value)
+            if match:
+                per = 1.0 if match.group(2) == "s" else 60.0
+                return cls(float(match.group(1)) / per)
+        raise ValueError(f"expected a rate such as 50/s or 120/m, got {value!r}")
+
+    def __str__(self) -> str:
+        return f"{float(self):g}/s" if self >= 1 else f"{float(self) * 60:g}/m"
+
+
 class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Base of every config Struct: unknown keys are errors."""
 
@@ -58,17 +80,43 @@ class Backoff(_Strict, frozen=True):
     max: Duration = Duration(3600)
 
 
+class CircuitBreaker(_Strict, frozen=True):
+    #: Consecutive failed attempts that open the breaker; 0 turns it off.
+    failures: int = 10
+    cool_down: Duration = Duration(30)
+    max_cool_down: Duration = Duration(600)
+
+
 class DeliveryDefaults(_Strict, frozen=True):
     timeout: Duration = Duration(10)
     max_attempts: int = 8
     backoff: Backoff = msgspec.field(default_factory=Backoff)
+    circuit_breaker: CircuitBreaker = msgspec.field(default_factory=CircuitBreaker)
+    #: Failing without a success for this long disables the subscriber; 0 = never.
+    disable_after: Duration = Duration(5 * 86400)
+    #: Most attempts started per second, all workers together; None = no limit.
+    rate_limit: Rate | None = None
+
+
+class SentinelSettings(_Strict, frozen=True):
+    hosts: list[str]
+    master: str
+    #: The Sentinels' own password, if they have one (the master's is in ``redis.url``).
+    password: str | None = None
 
 
 class RedisSettings(_Strict, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
-    #: How long event bodies, attempt logs and done markers are kept (dead letters keep
-    #: their own copy of the body until replayed or purged).
+    #: How long event bodies, attempt logs, delivery records and dead letters are kept.
     retention: Duration = Duration(14 * 86400)
+    #: Every key starts with this, so hubs with different prefixes share one Redis.
+    prefix: str = "relay:"
+    #: Start even on a Redis that fails the preflight (no AOF, an evicting policy); warns.
+    allow_unsafe: bool = False
+    sentinel: SentinelSettings | None = None
+    #: The ingress answers 2xx only once this many replicas hold the write (Redis WAIT).
+    min_replicas: int = 0
+    min_replicas_timeout: Duration = Duration(1)
 
 
 class IngressSettings(_Strict, frozen=True):
@@ -86,7 +134,8 @@ class IngressSettings(_Strict, frozen=True):
 
 
 class WorkerSettings(_Strict, frozen=True):
-    queue: str = "relay"
+    #: The Celery queue, a Redis list named ``{redis.prefix}{queue}``.
+    queue: str = "queue"
     pool: Literal["prefork", "solo", "threads"] = "prefork"
     concurrency: int = 2
     #: Deliveries one worker process keeps in flight at once, shared equally among subscribers;
@@ -98,12 +147,29 @@ class WorkerSettings(_Strict, frozen=True):
     #: subscribers, without delivering faster.
     max_connections: int = 128
     #: Broker visibility timeout: a task fetched by a worker that died is handed out again
-    #: after this long. Kept short so a SIGKILLed worker's tasks come back within the
-    #: SPEC's two minutes; tasks here finish in milliseconds, so it is never hit by a live one.
+    #: after this long. Kept short so a SIGKILLed worker's tasks come back within two
+    #: minutes; tasks here finish in milliseconds, so it is never hit by a live one.
     visibility_timeout: Duration = Duration(60)
     #: Extra time, past a subscriber's timeout, before an unanswered attempt is presumed lost
     #: (its worker died) and scheduled again.
     lease_grace: Duration = Duration(30)
+
+
+class AdminSettings(_Strict, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 8081
+    #: Bearer token for every admin route but /healthz; required unless host is loopback.
+    token: str = ""
+
+
+class AlertTarget(_Strict, frozen=True):
+    """An operator notification endpoint: receives alerts signed like a delivery."""
+
+    url: str
+    secret: str
+    signature: SignatureScheme = "ingram"
+    headers: dict[str, str] = {}
+    timeout: Duration = Duration(10)
 
 
 class SubscriberSpec(_Strict, frozen=True):
@@ -119,6 +185,9 @@ class SubscriberSpec(_Strict, frozen=True):
     timeout: Duration | None = None
     max_attempts: int | None = None
     backoff: Backoff | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    disable_after: Duration | None = None
+    rate_limit: Rate | None = None
 
 
 class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
@@ -134,6 +203,9 @@ class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
     timeout: float
     max_attempts: int
     backoff: Backoff
+    circuit_breaker: CircuitBreaker = msgspec.field(default_factory=CircuitBreaker)
+    disable_after: float = 0.0
+    rate_limit: float | None = None
 
 
 class _RawConfig(_Strict, frozen=True):
@@ -141,6 +213,8 @@ class _RawConfig(_Strict, frozen=True):
     redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
     delivery: DeliveryDefaults = msgspec.field(default_factory=DeliveryDefaults)
     worker: WorkerSettings = msgspec.field(default_factory=WorkerSettings)
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    alerts: list[AlertTarget] = []
     subscribers: list[SubscriberSpec] = []
 
 
@@ -153,6 +227,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     delivery: DeliveryDefaults
     worker: WorkerSettings
     subscribers: tuple[Subscriber, ...]
+    admin: AdminSettings = msgspec.field(default_factory=AdminSettings)
+    alerts: tuple[AlertTarget, ...] = ()
+    #: Things that are allowed but unwise (printed by check-config, logged at start).
+    warnings: tuple[str, ...] = ()
 
     def subscriber(self, name: str) -> Subscriber | None:
         for sub in self.subscribers:
@@ -173,7 +251,13 @@ def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = N
         text = Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    return parse_config(text, source, os.environ if environ is None else environ)
+    config = parse_config(text, source, os.environ if environ is None else environ)
+    override = (os.environ if environ is None else environ).get(REDIS_URL_OVERRIDE)
+    if override:
+        # ``relay up`` points its processes at the Redis it started (relay/up.py).
+        redis = msgspec.structs.replace(config.redis, url=override, sentinel=None)
+        config = msgspec.structs.replace(config, redis=redis)
+    return config
 
 
 def parse_config(text: str, source: str, environ: Any) -> Config:
@@ -253,6 +337,8 @@ def _substitute(node: Any, tokens: dict[str, tuple[str, str | None]], environ: A
 def _dec_hook(type_: type, obj: Any) -> Any:
     if type_ is Duration:
         return Duration.parse(obj)
+    if type_ is Rate:
+        return Rate.parse(obj)
     raise NotImplementedError
 
 
@@ -276,34 +362,33 @@ def _describe(message: str) -> str:
 
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")           # HTAB is allowed in values
+#: Headers the HTTP client must own: a subscriber setting them would corrupt the request.
+_FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+#: The SPEC promises that a killed worker's work is delivered again within two minutes.
+RECOVERY_PROMISE = 120.0
 
 
 def _resolve(raw: _RawConfig, source: str) -> Config:
     def fail(path: str, why: str) -> ConfigError:
         return ConfigError(f"{source}: {path}: {why}")
 
-    if not raw.ingress.secrets or any(not s for s in raw.ingress.secrets):
-        raise fail("ingress.secrets", "at least one non-empty secret is required")
-    if raw.ingress.max_body_bytes < 1024:
-        raise fail("ingress.max_body_bytes", "must be at least 1024")
-    if raw.ingress.dedupe_window < 1:
-        raise fail("ingress.dedupe_window", "must be at least 1s")
-    if not 0 <= raw.ingress.linger <= 1:
-        raise fail("ingress.linger", "must be between 0 and 1s")
-    if raw.ingress.read_timeout <= 0:
-        raise fail("ingress.read_timeout", "must be greater than 0")
-    if not 1 <= raw.ingress.port <= 65535:
-        raise fail("ingress.port", "must be between 1 and 65535")
-    if not raw.redis.url.startswith(("redis://", "rediss://", "unix://")):
-        raise fail("redis.url", f"expected redis://, rediss:// or unix://, got {raw.redis.url!r}")
+    warnings: list[str] = []
+    _check_ingress(raw.ingress, fail)
+    _check_redis(raw.redis, fail)
     _check_delivery(raw.delivery.timeout, raw.delivery.max_attempts, raw.delivery.backoff,
                     "delivery", fail)
-    if raw.worker.concurrency < 1:
-        raise fail("worker.concurrency", "must be at least 1")
-    if raw.worker.max_in_flight < 1:
-        raise fail("worker.max_in_flight", "must be at least 1")
-    if raw.worker.max_connections < 1:
-        raise fail("worker.max_connections", "must be at least 1")
+    _check_health(raw.delivery.circuit_breaker, raw.delivery.disable_after,
+                  raw.delivery.rate_limit, "delivery", fail)
+    _check_worker(raw.worker, fail)
+    _check_admin(raw.admin, fail)
+    for i, alert in enumerate(raw.alerts):
+        _check_endpoint(alert.url, alert.secret, alert.signature, alert.headers, f"alerts[{i}]",
+                        fail)
+        if alert.timeout <= 0:
+            raise fail(f"alerts[{i}].timeout", "must be greater than 0")
 
     seen: set[str] = set()
     subscribers = []
@@ -314,25 +399,126 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
         if spec.name in seen:
             raise fail(f"{where}.name", f"duplicate subscriber name {spec.name!r}")
         seen.add(spec.name)
-        if not spec.url.startswith(("http://", "https://")):
-            raise fail(f"{where}.url", f"expected an http:// or https:// URL, got {spec.url!r}")
-        if not spec.secret:
-            raise fail(f"{where}.secret", "must not be empty")
-        if spec.signature in ("standard", "both"):
-            _check_standard_secret(spec.secret, f"{where}.secret", fail)
+        _check_endpoint(spec.url, spec.secret, spec.signature, spec.headers, where, fail)
+        d = raw.delivery
         sub = Subscriber(
             name=spec.name, url=spec.url, secret=spec.secret, signature=spec.signature,
             topics=tuple(spec.topics), event_types=tuple(t.lower() for t in spec.event_types),
             headers=dict(spec.headers),
-            timeout=spec.timeout if spec.timeout is not None else raw.delivery.timeout,
-            max_attempts=(spec.max_attempts if spec.max_attempts is not None
-                          else raw.delivery.max_attempts),
-            backoff=spec.backoff or raw.delivery.backoff,
+            timeout=spec.timeout if spec.timeout is not None else d.timeout,
+            max_attempts=spec.max_attempts if spec.max_attempts is not None else d.max_attempts,
+            backoff=spec.backoff or d.backoff,
+            circuit_breaker=spec.circuit_breaker or d.circuit_breaker,
+            disable_after=(spec.disable_after if spec.disable_after is not None
+                           else d.disable_after),
+            rate_limit=spec.rate_limit if spec.rate_limit is not None else d.rate_limit,
         )
         _check_delivery(sub.timeout, sub.max_attempts, sub.backoff, where, fail)
+        _check_health(sub.circuit_breaker, sub.disable_after, sub.rate_limit, where, fail)
+        horizon = retry_horizon(sub)
+        if raw.redis.retention < horizon:
+            raise fail("redis.retention", f"{_fmt(raw.redis.retention)} is shorter than the retry "
+                       f"horizon of {where} ({sub.name}): {_fmt(horizon)} for its "
+                       f"max_attempts {sub.max_attempts} with backoff.max "
+                       f"{_fmt(sub.backoff.max)} and timeout {_fmt(sub.timeout)}; raise "
+                       f"redis.retention or lower {where}.max_attempts / backoff.max")
+        if sub.timeout + raw.worker.lease_grace > RECOVERY_PROMISE:
+            warnings.append(
+                f"{where} ({sub.name}): timeout {_fmt(sub.timeout)} + worker.lease_grace "
+                f"{_fmt(raw.worker.lease_grace)} is over {_fmt(RECOVERY_PROMISE)}: an attempt "
+                f"held by a worker that dies is retried only after that long")
         subscribers.append(sub)
+    if raw.redis.allow_unsafe:
+        warnings.append("redis.allow_unsafe is true: the Redis preflight only warns")
     return Config(source=source, redis=raw.redis, ingress=raw.ingress, delivery=raw.delivery,
-                  worker=raw.worker, subscribers=tuple(subscribers))
+                  worker=raw.worker, admin=raw.admin, alerts=tuple(raw.alerts),
+                  subscribers=tuple(subscribers), warnings=tuple(warnings))
+
+
+def _check_ingress(ingress: IngressSettings, fail: Any) -> None:
+    if not ingress.secrets or any(not s for s in ingress.secrets):
+        raise fail("ingress.secrets", "at least one non-empty secret is required")
+    if ingress.max_body_bytes < 1024:
+        raise fail("ingress.max_body_bytes", "must be at least 1024")
+    if ingress.dedupe_window < 1:
+        raise fail("ingress.dedupe_window", "must be at least 1s")
+    if not 0 <= ingress.linger <= 1:
+        raise fail("ingress.linger", "must be between 0 and 1s")
+    if ingress.read_timeout <= 0:
+        raise fail("ingress.read_timeout", "must be greater than 0")
+    if not 1 <= ingress.port <= 65535:
+        raise fail("ingress.port", "must be between 1 and 65535")
+
+
+def _check_redis(settings: RedisSettings, fail: Any) -> None:
+    if not settings.url.startswith(("redis://", "rediss://", "unix://")):
+        raise fail("redis.url", f"expected redis://, rediss:// or unix://, got "
+                   f"{mask_url(settings.url)!r}")
+    if settings.retention < 1:
+        raise fail("redis.retention", "must be at least 1s")
+    if not re.match(r"^[^\s]{1,64}$", settings.prefix):
+        raise fail("redis.prefix", "use 1-64 characters without spaces")
+    if settings.min_replicas < 0:
+        raise fail("redis.min_replicas", "must be 0 or more")
+    if settings.min_replicas_timeout <= 0:
+        raise fail("redis.min_replicas_timeout", "must be greater than 0")
+    if settings.sentinel is not None:
+        if not settings.sentinel.hosts:
+            raise fail("redis.sentinel.hosts", "at least one host:port is required")
+        for j, host in enumerate(settings.sentinel.hosts):
+            if not re.match(r"^[^\s:]+:\d{1,5}$", host):
+                raise fail(f"redis.sentinel.hosts[{j}]", f"expected host:port, got {host!r}")
+        if not settings.sentinel.master:
+            raise fail("redis.sentinel.master", "must not be empty")
+
+
+def _check_worker(worker: WorkerSettings, fail: Any) -> None:
+    if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", worker.queue):
+        raise fail("worker.queue", "use 1-64 letters, digits, '.', ':', '_' or '-'")
+    if worker.concurrency < 1:
+        raise fail("worker.concurrency", "must be at least 1")
+    if worker.max_in_flight < 1:
+        raise fail("worker.max_in_flight", "must be at least 1")
+    if worker.max_connections < 1:
+        raise fail("worker.max_connections", "must be at least 1")
+    if not 1 <= worker.lease_grace <= 600:
+        raise fail("worker.lease_grace", "must be between 1s and 10m")
+    # kombu hands a dead worker's unacknowledged task out again after this; past two minutes
+    # the recovery promise cannot hold, and under a few seconds a live worker's prefetched
+    # tasks would be handed out twice.
+    if not 5 <= worker.visibility_timeout <= RECOVERY_PROMISE:
+        raise fail("worker.visibility_timeout", f"must be between 5s and "
+                   f"{_fmt(RECOVERY_PROMISE)} (a dead worker's tasks come back after it)")
+
+
+def _check_admin(admin: AdminSettings, fail: Any) -> None:
+    if not 1 <= admin.port <= 65535:
+        raise fail("admin.port", "must be between 1 and 65535")
+    if not admin.token and not is_loopback(admin.host):
+        raise fail("admin.token", f"required when admin.host ({admin.host}) is not a loopback "
+                   f"address: set it, e.g. token: ${{RELAY_ADMIN_TOKEN}}")
+
+
+def is_loopback(host: str) -> bool:
+    return host in _LOOPBACK or host.startswith("127.")
+
+
+def _check_endpoint(url: str, secret: str, signature: str, headers: dict[str, str],
+                    where: str, fail: Any) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise fail(f"{where}.url", f"expected an http:// or https:// URL, got {mask_url(url)!r}")
+    if not secret:
+        raise fail(f"{where}.secret", "must not be empty")
+    if signature in ("standard", "both"):
+        _check_standard_secret(secret, f"{where}.secret", fail)
+    for name, value in headers.items():
+        if not _HEADER_NAME.match(name):
+            raise fail(f"{where}.headers", f"{name!r} is not a valid header name")
+        if name.lower() in _FORBIDDEN_HEADERS:
+            raise fail(f"{where}.headers.{name}", "set by the hub's HTTP client; remove it")
+        if _CONTROL.search(value):
+            raise fail(f"{where}.headers.{name}", "the value contains a control character "
+                       "(a line break from a file read into ${VAR}?)")
 
 
 def _check_delivery(timeout: float, max_attempts: int, backoff: Backoff, where: str,
@@ -347,6 +533,20 @@ def _check_delivery(timeout: float, max_attempts: int, backoff: Backoff, where: 
         raise fail(f"{where}.backoff.max", "must not be less than backoff.initial")
 
 
+def _check_health(breaker: CircuitBreaker, disable_after: float, rate: float | None,
+                  where: str, fail: Any) -> None:
+    if breaker.failures < 0:
+        raise fail(f"{where}.circuit_breaker.failures", "must be 0 (off) or more")
+    if breaker.cool_down <= 0:
+        raise fail(f"{where}.circuit_breaker.cool_down", "must be greater than 0")
+    if breaker.max_cool_down < breaker.cool_down:
+        raise fail(f"{where}.circuit_breaker.max_cool_down", "must not be less than cool_down")
+    if disable_after < 0:
+        raise fail(f"{where}.disable_after", "must be 0 (never) or more")
+    if rate is not None and rate <= 0:
+        raise fail(f"{where}.rate_limit", "must be greater than 0")
+
+
 def _check_standard_secret(secret: str, where: str, fail: Any) -> None:
     if not secret.startswith("whsec_"):
         raise fail(where, "a 'standard' signature needs a secret of the form whsec_<base64>")
@@ -356,3 +556,64 @@ def _check_standard_secret(secret: str, where: str, fail: Any) -> None:
         raise fail(where, "the part after whsec_ is not valid base64") from exc
     if not 24 <= len(key) <= 64:
         raise fail(where, f"the key after whsec_ must be 24-64 bytes, got {len(key)}")
+
+
+def retry_horizon(sub: Subscriber) -> float:
+    """The longest a delivery can keep retrying: every attempt timing out, every backoff
+    at its ceiling. Records must outlive it (``redis.retention``)."""
+    waits = sum(min(sub.backoff.max, sub.backoff.initial * 2 ** min(n - 1, 62))
+                for n in range(1, sub.max_attempts))
+    return sub.max_attempts * sub.timeout + waits
+
+
+def _fmt(seconds: float) -> str:
+    """``5400`` -> ``1h30m``; ``0.5`` -> ``500ms``."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    parts, left = [], int(round(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size:
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return "".join(parts) or "0s"
+
+
+# -- reload -------------------------------------------------------------------------------
+
+#: Settings a running process cannot change: a reload that changes them logs "restart
+#: required" and keeps the running value; everything else applies.
+RESTART_KEYS = ("redis", "ingress.host", "ingress.port", "admin.host", "admin.port",
+                "worker.pool", "worker.concurrency", "worker.queue",
+                "worker.visibility_timeout")
+
+
+def restart_required(old: Config, new: Config) -> list[str]:
+    """The restart-only keys whose value differs between ``old`` and ``new``."""
+    changed = []
+    for key in RESTART_KEYS:
+        if _get(old, key) != _get(new, key):
+            if key == "redis":
+                changed += [f"redis.{f}" for f in RedisSettings.__struct_fields__
+                            if getattr(old.redis, f) != getattr(new.redis, f)]
+            else:
+                changed.append(key)
+    return changed
+
+
+def live_part(old: Config, new: Config) -> Config:
+    """``new`` with every restart-only key kept as in ``old``: what a running process applies."""
+    return msgspec.structs.replace(
+        new, redis=old.redis,
+        ingress=msgspec.structs.replace(new.ingress, host=old.ingress.host,
+                                        port=old.ingress.port),
+        admin=msgspec.structs.replace(new.admin, host=old.admin.host, port=old.admin.port),
+        worker=msgspec.structs.replace(
+            new.worker, pool=old.worker.pool, concurrency=old.worker.concurrency,
+            queue=old.worker.queue, visibility_timeout=old.worker.visibility_timeout))
+
+
+def _get(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value

@@ -1,23 +1,51 @@
-"""The Redis key layout, shared by the ingress (writer) and the workers (readers).
+"""The Redis key layout, shared by the ingress and admin (readers and writers) and the workers.
 
-Every key starts with the prefix, so one Redis can serve several hubs (``prefix`` differs).
+Every key starts with ``redis.prefix`` (default ``relay:``), the Celery queue included, so hubs
+with different prefixes share one Redis without seeing each other's events, retries or dead
+letters. (kombu's own bookkeeping, ``unacked`` and ``unacked_index``, is shared: it holds each
+message with its queue's name, so a restore puts it back where it came from.)
 
-=====================  ======  ==============================================================
-key                    type    holds
-=====================  ======  ==============================================================
-seen:{id}              string  dedupe marker holding the token of the batch that stored the
-                               event; expires after ``ingress.dedupe_window``
-event:{id}             string  msgpack StoredEvent, expires after ``redis.retention``
-done:{id}              hash    subscriber -> unix ms of the 2xx (never deliver twice)
-log:{id}:{sub}         list    msgpack Attempt records, newest first, bounded
-schedule               zset    pending attempt -> due unix ms (retries *and* in-flight leases)
-unclaimed              zset    queued message -> unix ms when it is queued again unless a
-                               worker has taken it by then (kombu pops a message and records
-                               it as unacknowledged in two steps: a worker killed between
-                               them would otherwise lose it)
-dlq                    hash    "{sub}\\n{id}" -> msgpack DeadLetter
-{queue}                list    Celery (kombu) messages, LPUSHed by ingress and scheduler
-=====================  ======  ==============================================================
+Per event (each expires after ``redis.retention``):
+
+=========================  ======  ==========================================================
+key                        type    holds
+=========================  ======  ==========================================================
+seen:{id}                  string  dedupe marker: the token of the batch that stored the event;
+                                   expires after ``ingress.dedupe_window``
+event:{id}                 string  msgpack StoredEvent (the exact bytes received)
+deliveries:{id}            hash    subscriber -> ``d<ms>`` delivered, ``r<ms>`` retry due,
+                                   ``x<ms>`` dead-lettered (the per-event delivery record)
+log:{id}:{sub}             list    msgpack Attempt records, newest first, bounded
+letter:{sub}:{id}          string  msgpack DeadLetter (reason, time, the event)
+=========================  ======  ==========================================================
+
+Hub-wide:
+
+=========================  ======  ==========================================================
+{queue}                    list    Celery (kombu) messages, LPUSHed by ingress and scheduler
+schedule                   zset    pending attempt message -> due ms (retries, parked
+                                   attempts *and* in-flight leases)
+unclaimed                  zset    queued message -> ms when it is queued again unless a
+                                   worker took it (kombu pops a message and records it as
+                                   unacknowledged in two steps; see workers/scheduler.py)
+events                     zset    event id -> received ms (the time index; trimmed)
+order:{number}             zset    event id -> received ms, per Ingram order number
+dead:{sub}                 zset    event id -> dead-lettered ms (the dead letter index)
+deadsubs                   set     subscribers that have (or had) dead letters
+pending:{sub}              zset    event id -> first leased ms, until delivered or dead
+stats:{minute}             hash    per-minute counters (accepted, per subscriber outcomes and
+                                   latency buckets, backlog age)
+totals                     hash    the same counters since the start (Prometheus)
+health:{sub}               hash    circuit breaker, pause, disable, last error/success
+held:{sub}                 zset    attempt messages held while a subscriber is paused,
+                                   disabled or its breaker open -> held ms
+breakers                   zset    subscriber -> ms when a probe is released from held
+rate:{sub}                 string  the rate limiter's theoretical arrival time (GCRA)
+known                      hash    subscriber name -> last ms a live worker had it configured
+workers                    zset    worker id (host:pid) -> last heartbeat ms
+backlog_since              string  ms since when the queue has not been empty
+alerts                     zset    alert job -> due ms; alert:{type}:{sub} rate-limits them
+=========================  ======  ==========================================================
 """
 
 from __future__ import annotations
@@ -28,7 +56,20 @@ from dataclasses import dataclass
 @dataclass(frozen=True, slots=True)
 class Keys:
     prefix: str = "relay:"
-    queue: str = "relay"
+    queue_name: str = "queue"
+
+    @classmethod
+    def of(cls, config: object) -> Keys:
+        """The keys of a ``relay.config.Config`` (its prefix and queue)."""
+        return cls(prefix=config.redis.prefix,  # type: ignore[attr-defined]
+                   queue_name=config.worker.queue)  # type: ignore[attr-defined]
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue's name (a Redis list)."""
+        return f"{self.prefix}{self.queue_name}"
+
+    # -- per event ---------------------------------------------------------------------------
 
     def seen(self, event_id: str) -> str:
         return f"{self.prefix}seen:{event_id}"
@@ -36,11 +77,16 @@ class Keys:
     def event(self, event_id: str) -> str:
         return f"{self.prefix}event:{event_id}"
 
-    def done(self, event_id: str) -> str:
-        return f"{self.prefix}done:{event_id}"
+    def deliveries(self, event_id: str) -> str:
+        return f"{self.prefix}deliveries:{event_id}"
 
     def log(self, event_id: str, subscriber: str) -> str:
         return f"{self.prefix}log:{event_id}:{subscriber}"
+
+    def letter(self, subscriber: str, event_id: str) -> str:
+        return f"{self.prefix}letter:{subscriber}:{event_id}"
+
+    # -- hub-wide ---------------------------------------------------------------------------
 
     @property
     def schedule(self) -> str:
@@ -51,9 +97,66 @@ class Keys:
         return f"{self.prefix}unclaimed"
 
     @property
-    def dlq(self) -> str:
-        return f"{self.prefix}dlq"
+    def events(self) -> str:
+        return f"{self.prefix}events"
 
-    @staticmethod
-    def dlq_field(event_id: str, subscriber: str) -> str:
-        return f"{subscriber}\n{event_id}"
+    def order(self, number: str) -> str:
+        return f"{self.prefix}order:{number}"
+
+    def dead(self, subscriber: str) -> str:
+        return f"{self.prefix}dead:{subscriber}"
+
+    @property
+    def dead_subscribers(self) -> str:
+        return f"{self.prefix}deadsubs"
+
+    def pending(self, subscriber: str) -> str:
+        return f"{self.prefix}pending:{subscriber}"
+
+    def stats(self, minute: int) -> str:
+        """Counters of one minute (``minute`` = unix seconds // 60)."""
+        return f"{self.prefix}stats:{minute}"
+
+    @property
+    def totals(self) -> str:
+        return f"{self.prefix}totals"
+
+    def health(self, subscriber: str) -> str:
+        return f"{self.prefix}health:{subscriber}"
+
+    def held(self, subscriber: str) -> str:
+        return f"{self.prefix}held:{subscriber}"
+
+    @property
+    def breakers(self) -> str:
+        return f"{self.prefix}breakers"
+
+    def rate(self, subscriber: str) -> str:
+        return f"{self.prefix}rate:{subscriber}"
+
+    @property
+    def known(self) -> str:
+        return f"{self.prefix}known"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}workers"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}alerts"
+
+    def alert_window(self, kind: str, subscriber: str) -> str:
+        return f"{self.prefix}alert:{kind}:{subscriber}"
+
+    def alert_folded(self, kind: str, subscriber: str) -> str:
+        return f"{self.prefix}alertfold:{kind}:{subscriber}"
+
+    @property
+    def backlog_since(self) -> str:
+        """ms since when the queue has not been empty (written by the scheduler)."""
+        return f"{self.prefix}backlog_since"
+
+    @property
+    def ready_probe(self) -> str:
+        return f"{self.prefix}readyz"

@@ -1,7 +1,13 @@
 """Logs as one JSON object a line. Pass context with ``extra={"eventId": ..., "subscriber": ...}``.
 
-Secrets never reach a log: nothing here formats a config or a header set, and callers log
-names and ids only.
+Secrets never reach a log: nothing here formats a config or a header set, callers log names
+and ids only, and every line passes through ``mask_text`` so a URL with credentials inside an
+error message (a Redis URL in a connection error) is masked. Python warnings (Celery's
+``SecurityWarning``) are logged too, as JSON, instead of printed.
+
+``extra`` keys must not be ``logging.LogRecord``'s own attributes (``name``, ``msg``,
+``args``, ``process``, ``module``...): ``logging`` raises KeyError for those
+(tests/test_logs.py checks every ``extra=`` in the code base).
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ import sys
 import time
 
 import msgspec
+
+from relay.masking import mask_text
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _encode = msgspec.json.Encoder(decimal_format="number").encode
@@ -30,7 +38,7 @@ class JsonFormatter(logging.Formatter):
                 entry[key] = value
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return _encode(entry).decode()
+        return mask_text(_encode(entry).decode())
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -44,6 +52,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler._relay_json = True  # type: ignore[attr-defined]
     root.handlers = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
     if level.upper() != "DEBUG":
         # Celery logs two lines per task at INFO; at thousands of tasks a second that is
         # most of the log and a measurable share of the CPU. Our own lines carry the eventId.

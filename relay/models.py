@@ -4,7 +4,7 @@ The envelope model validates; it never re-serialises. The hub stores and forward
 bytes it received, so a field Ingram adds tomorrow reaches subscribers untouched. Fields are
 typed where their shape matters to a consumer and left open (extra keys allowed) elsewhere.
 
-Ingram's own documents disagree on names, types and case (see ``../shared/samples``), so:
+Ingram's own documents disagree on names, types and case (see ``tests/shared/samples``), so:
 
 * the line number is ``ingramLineNumber``, ``lineNumber`` or ``LineNumber``;
 * quantities are numbers or numeric strings (``""`` too: Ingram sends it for "unknown");
@@ -24,6 +24,10 @@ from relay.errors import EnvelopeError
 Quantity = int | float | Annotated[str, msgspec.Meta(pattern=r"^\s*(-?\d+(\.\d+)?)?\s*$")] | None
 LineNo = int | str | None
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: An eventId: 1-256 characters, none of them a control character (it becomes a header,
+#: ``webhook-id``, and a Redis key on the way out; a line break there would break both).
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256,
+                                      pattern=r"^[^\x00-\x1f\x7f]+$")]
 Code = Annotated[str, msgspec.Meta(max_length=128)]
 
 
@@ -61,14 +65,6 @@ class Line(_Open):
     shipmentDetails: list[Shipment] | None = None
     serialNumberDetails: list[Serial] | None = None
 
-    @property
-    def line_number(self) -> LineNo:
-        """Whichever of Ingram's three spellings was sent."""
-        for value in (self.ingramLineNumber, self.lineNumber, self.LineNumber):
-            if value is not None:
-                return value
-        return None
-
 
 class Link(_Open):
     topic: str | None = None
@@ -79,6 +75,9 @@ class Link(_Open):
 class Resource(_Open):
     eventType: Code | None = None
     orderNumber: str | None = None
+    # Spellings of the order number seen outside Ingram's main documents: indexed, not required.
+    OrderNumber: str | int | None = None
+    ingramOrderNumber: str | int | None = None
     customerOrderNumber: str | None = None
     lines: list[Line] | None = None
     links: list[Link] | None = None
@@ -89,7 +88,7 @@ class Resource(_Open):
 class Envelope(_Open):
     topic: NonEmpty
     event: Code
-    eventId: NonEmpty
+    eventId: EventId
     eventTimeStamp: str
     resource: list[Resource] | Resource
     eventType: Code | None = None
@@ -102,10 +101,20 @@ class Envelope(_Open):
         found = [self.eventType] + [r.eventType for r in self.resources()]
         return tuple(dict.fromkeys(t.lower() for t in found if t))
 
+    def order_numbers(self) -> tuple[str, ...]:
+        """Ingram order numbers of every resource item, whichever spelling, without repeats."""
+        found = (n for r in self.resources()
+                 for n in (r.orderNumber, r.OrderNumber, r.ingramOrderNumber))
+        return tuple(dict.fromkeys(str(n).strip() for n in found
+                                   if n is not None and str(n).strip()))[:MAX_ORDER_NUMBERS]
+
 
 class _IdOnly(msgspec.Struct):
     eventId: str
 
+
+#: Order numbers indexed per event (a bound on what one request can make the hub write).
+MAX_ORDER_NUMBERS = 20
 
 _envelope_decoder = msgspec.json.Decoder(Envelope)
 _id_decoder = msgspec.json.Decoder(_IdOnly)
@@ -122,17 +131,22 @@ def parse_envelope(body: bytes) -> Envelope:
 
 
 def peek_event_id(body: bytes) -> str | None:
-    """The ``eventId`` of a body that is JSON but not a valid envelope, if it has one."""
+    """The ``eventId`` of a body that is JSON but not a valid envelope, if it has one and it
+    could be an eventId (at most 256 characters: an attacker's megabyte is not logged)."""
     try:
-        return _id_decoder.decode(body).eventId
+        event_id = _id_decoder.decode(body).eventId
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
+    return event_id if 0 < len(event_id) <= 256 else None
 
 
 def _with_path(message: str) -> str:
     # msgspec says "Expected `array`, got `int` - at `$.resource[0].lines`"; lead with the path.
     what, sep, where = message.rpartition(" - at ")
-    return f"{where.strip('`')}: {what}" if sep else f"$: {message}"
+    path = where.strip("`")
+    if path == "$.eventId" and "matching regex" in what:
+        what = "must not contain control characters (line breaks, tabs, NUL)"
+    return f"{path}: {what}" if sep else f"$: {message}"
 
 
 class StoredEvent(msgspec.Struct, array_like=True, frozen=True):
@@ -143,3 +157,31 @@ class StoredEvent(msgspec.Struct, array_like=True, frozen=True):
     event_types: tuple[str, ...]
     received_at: float
     body: bytes
+    order_numbers: tuple[str, ...] = ()
+
+
+class Attempt(msgspec.Struct, array_like=True, frozen=True):
+    """One delivery attempt, as kept in ``log:{id}:{sub}``: an HTTP status, or an error class
+    when there was no answer. A probe (the one attempt let through a half-open circuit
+    breaker) that fails does not use up an attempt: it keeps its number."""
+
+    at: float
+    attempt: int
+    status: int | None
+    error: str | None
+    latency_ms: float
+    probe: bool = False
+
+    def describe(self) -> str:
+        return f"HTTP {self.status}" if self.status is not None else (self.error or "?")
+
+
+class DeadLetter(msgspec.Struct, array_like=True, frozen=True):
+    """A delivery given up on, under ``letter:{sub}:{id}``; its attempts stay in the log.
+    ``event`` is a copy of the record (None when it had expired), so a replay can restore it."""
+
+    event_id: str
+    subscriber: str
+    reason: str
+    dead_at: float
+    event: StoredEvent | None

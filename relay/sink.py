@@ -1,20 +1,25 @@
-"""``relay sink``: a demo subscriber that prints each delivery and whether it verifies.
+"""``relay sink``: a demo subscriber that logs each delivery and whether it verifies.
 
 It is what ``config/relay.dev.yaml`` routes to, so ``make run`` shows an event going all the
-way through. It answers 200 to everything; it is a demo, not a subscriber to copy.
+way through. It answers 200 to everything; it is a demo, not a subscriber to copy. Like the
+hub's own processes it writes JSON lines (``relay up`` passes them through).
 """
 
 from __future__ import annotations
 
+import asyncio
 import binascii
-import sys
+import logging
 
 import msgspec
 from aiohttp import web
 
 from relay.errors import SignatureError
 from relay.models import peek_event_id
+from relay.serve import serve
 from relay.signatures import INGRAM_HEADER, IngramSigner, StandardWebhook
+
+log = logging.getLogger("relay.sink")
 
 
 def verdict(body: bytes, headers: dict[str, str], secrets: list[str]) -> str:
@@ -49,7 +54,7 @@ def create_sink_app(secrets: list[str]) -> web.Application:
             summary = f"{doc.get('eventId')} topic={doc.get('topic')}"
         except (msgspec.DecodeError, AttributeError):
             summary = f"{len(body)} bytes (not a JSON object)"
-        print(f"sink {request.path}: {summary}: {verdict(body, headers, secrets)}", flush=True)
+        log.info(f"sink {request.path}: {summary}: {verdict(body, headers, secrets)}")
         return web.json_response({"received": True})
 
     app = web.Application()
@@ -58,6 +63,6 @@ def create_sink_app(secrets: list[str]) -> web.Application:
 
 
 def run_sink(host: str, port: int, secrets: list[str]) -> None:
-    print(f"demo sink listening on http://{host}:{port}/ ({len(secrets)} secret(s))",
-          file=sys.stderr, flush=True)
-    web.run_app(create_sink_app(secrets), host=host, port=port, print=None, access_log=None)
+    log.info("demo sink listening", extra={"url": f"http://{host}:{port}/",
+                                           "secrets": len(secrets)})
+    asyncio.run(serve(create_sink_app(secrets), host, port))

@@ -1,9 +1,17 @@
-"""``relay up``: ingress, worker (with its scheduler) and optionally the demo sink, together.
+"""``relay up``: ingress, worker (with its scheduler), admin and optionally the demo sink.
 
-Each runs as its own process, supervised here: if one dies, the rest are stopped and ``up``
-exits non-zero, so a half-running hub is never mistaken for a working one. When no Redis
-answers at ``redis.url`` and it names this machine, a ``redis-server`` is started with
-append-only persistence (fsync always) under ``./var/redis``.
+Each runs as its own process, supervised here: if one exits, ``up`` says which and why in
+one JSON line, stops the others and exits non-zero, so a half-running hub is never mistaken
+for a working one. Every line the children write passes through here (a line that is not
+JSON, a crash's traceback, is wrapped into one), so ``up`` writes JSON lines only.
+
+Redis: the one at ``redis.url`` (``REDIS_URL``) is used when it answers and passes the
+preflight (relay/connections.py). Otherwise a ``redis-server`` is started with append-only
+persistence (fsync always) under ``./var/redis``, on that URL's port if it is this machine's
+and free, else on the first free port from 6390, and ``up`` says why. The children are
+pointed at it with ``RELAY_REDIS_URL``.
+
+SIGHUP is passed on to every child: each re-reads the config (relay/reload.py).
 """
 
 from __future__ import annotations
@@ -13,61 +21,150 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlsplit
 
+import msgspec
 import redis
 
-from relay.config import Config
+from relay.config import REDIS_URL_OVERRIDE, Config
+from relay.connections import describe, problems, sync_client
+from relay.masking import mask_text
 
 log = logging.getLogger("relay.up")
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", ""}
+OWN_PORTS = range(6390, 6490)
+#: Order of stopping: the way data flows (no new events first, the worker drains last).
+STOP_ORDER = ["ingress", "admin", "sink", "worker", "redis"]
 
 
-def _reachable(url: str) -> bool:
+def _unusable(config: Config) -> str | None:
+    """Why the configured Redis cannot be used (None if it can)."""
     try:
-        with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2) as client:
-            return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
+        with sync_client(config.redis, socket_connect_timeout=1, socket_timeout=2) as client:
+            info = client.info()
+    except (redis.RedisError, OSError) as exc:
+        return f"no Redis answers at {describe(config.redis)} ({type(exc).__name__})"
+    fatal, unsafe = problems(info)
+    if fatal or (unsafe and not config.redis.allow_unsafe):
+        return f"the Redis at {describe(config.redis)} fails the preflight: " \
+               f"{'; '.join(fatal + unsafe)}"
+    return None
 
 
-def start_local_redis(url: str, var_dir: Path) -> subprocess.Popen[bytes]:
-    parts = urlsplit(url)
-    if parts.hostname not in LOCAL_HOSTS:
-        raise SystemExit(f"error: no Redis answers at {url}, and it is not on this machine")
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _own_port(config: Config) -> int:
+    parts = urlsplit(config.redis.url)
+    if config.redis.sentinel is None and parts.hostname in LOCAL_HOSTS \
+            and _port_free(parts.port or 6379):
+        return parts.port or 6379
+    for port in OWN_PORTS:
+        if _port_free(port):
+            return port
+    raise SystemExit("error: no free port for a local redis-server in 6390-6489")
+
+
+def start_local_redis(port: int, var_dir: Path) -> subprocess.Popen[bytes]:
     if shutil.which("redis-server") is None:
-        raise SystemExit("error: no Redis is reachable and redis-server is not installed "
+        raise SystemExit("error: no usable Redis and redis-server is not installed "
                          "(apt-get install redis-server)")
     data = var_dir / "redis"
     data.mkdir(parents=True, exist_ok=True)
-    port = str(parts.port or 6379)
     proc = subprocess.Popen(
-        ["redis-server", "--port", port, "--bind", "127.0.0.1", "--dir", str(data.resolve()),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+         "--dir", str(data.resolve()), "--appendonly", "yes", "--appendfsync", "always",
+         "--save", "", "--maxmemory-policy", "noeviction",
          "--logfile", str((data / "redis.log").resolve())],
         start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 15
-    while not _reachable(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"error: redis-server did not start; see {data / 'redis.log'}")
-        time.sleep(0.1)
-    log.info("started redis-server", extra={"port": port, "dir": str(data)})
+    while True:
+        try:
+            with redis.Redis.from_url(url, socket_connect_timeout=1) as client:
+                client.ping()
+                break
+        except (redis.RedisError, OSError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"error: redis-server did not start; see "
+                                 f"{data / 'redis.log'}") from None
+            time.sleep(0.1)
     return proc
 
 
+class Child:
+    """One supervised process, its output passed through as JSON lines."""
+
+    def __init__(self, label: str, cmd: list[str], env: dict[str, str]) -> None:
+        self.label = label
+        self.last_error = ""
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        assert self.proc.stdout is not None
+        self._relay = threading.Thread(target=self._pass_through, args=(self.proc.stdout,),
+                                       name=f"relay-up-{label}", daemon=True)
+        self._relay.start()
+
+    def _pass_through(self, stream: IO[bytes]) -> None:
+        out = sys.stderr.buffer
+        for raw in iter(stream.readline, b""):
+            line = raw.rstrip(b"\r\n")
+            if not line:
+                continue
+            try:
+                entry = msgspec.json.decode(line)
+                if not isinstance(entry, dict):
+                    raise ValueError
+            except (msgspec.DecodeError, ValueError):
+                entry = {"level": "error", "logger": "relay.up", "proc": self.label,
+                         "msg": mask_text(line.decode("utf-8", "replace"))}
+                line = msgspec.json.encode(entry)
+            if entry.get("level") in ("error", "critical"):
+                self.last_error = str(entry.get("error") or entry.get("msg") or "")
+            out.write(line + b"\n")
+            out.flush()
+
+    def signal(self, signum: int) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
+    def stop(self, timeout: float) -> None:
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
+        self._relay.join(2)
+
+
 def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
-           log_level: str = "INFO", var_dir: Path = Path("var"), sink_port: int = 9100) -> int:
-    started: list[tuple[str, subprocess.Popen[bytes]]] = []
-    if not _reachable(config.redis.url):
-        started.append(("redis", start_local_redis(config.redis.url, var_dir)))
+           log_level: str = "INFO", var_dir: Path = Path("var"), sink_port: int = 9100,
+           admin_port: int | None = None) -> int:
+    env = dict(os.environ)
+    own_redis: subprocess.Popen[bytes] | None = None
+    why = _unusable(config)
+    if why is not None:
+        redis_port = _own_port(config)
+        log.warning("starting a local redis-server with append-only persistence",
+                    extra={"why": why, "port": redis_port, "dir": str(var_dir / "redis")})
+        own_redis = start_local_redis(redis_port, var_dir)
+        env[REDIS_URL_OVERRIDE] = f"redis://127.0.0.1:{redis_port}/0"
+
     base = [sys.executable, "-m", "relay.cli", "--log-level", log_level,
             "--config", config.source]
-    commands = []
+    commands: list[tuple[str, list[str]]] = []
     if with_sink:
         commands.append(("sink", [*base, "sink", "--port", str(sink_port)]))
     commands.append(("worker", [*base, "worker"]))
@@ -77,38 +174,52 @@ def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
     if port:
         ingress += ["--port", str(port)]
     commands.append(("ingress", ingress))
-    env = {**os.environ, "REDIS_URL": config.redis.url}
+    admin = [*base, "admin"]
+    if admin_port:
+        admin += ["--port", str(admin_port)]
+    commands.append(("admin", admin))
 
-    stopping = False
+    stopping = threading.Event()
+    children: list[Child] = []
 
-    def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def on_stop(signum: int, frame: object) -> None:
+        stopping.set()
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    for name, cmd in commands:
-        started.append((name, subprocess.Popen(cmd, env=env, start_new_session=True)))
+    def on_hup(signum: int, frame: object) -> None:
+        for child in children:
+            child.signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    for label, cmd in commands:
+        children.append(Child(label, cmd, env))
+    log.info("hub starting", extra={
+        "ingress": f"http://{host or config.ingress.host}:{port or config.ingress.port}/",
+        "admin": f"http://{config.admin.host}:{admin_port or config.admin.port}/",
+        "sink": f"http://127.0.0.1:{sink_port}/" if with_sink else None,
+        "redis": env.get(REDIS_URL_OVERRIDE) or describe(config.redis)})
     code = 0
     try:
-        while not stopping:
-            for name, proc in started:
-                if proc.poll() is not None:
-                    log.error("process exited; stopping the hub",
-                              extra={"process": name, "code": proc.returncode})
-                    stopping, code = True, 1
-            time.sleep(0.2)
+        while not stopping.is_set():
+            for child in children:
+                if child.proc.poll() is not None:
+                    child._relay.join(2)  # its last words first
+                    log.error("process exited; stopping the hub", extra={
+                        "proc": child.label, "code": child.proc.returncode,
+                        "reason": child.last_error or f"exit code {child.proc.returncode}"})
+                    stopping.set()
+                    code = 1
+                    break
+            stopping.wait(0.2)
     finally:
-        # Stop in the order data flows: ingress first (no new events), then sink, then the
-        # worker (it finishes what it holds), Redis last.
-        for _name, proc in sorted(started, key=lambda p: ["ingress", "sink", "worker", "redis"]
-                                 .index(p[0])):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(45)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-    log.info("hub stopped")
+        for child in sorted(children, key=lambda c: STOP_ORDER.index(c.label)):
+            child.stop(45)
+        if own_redis is not None and own_redis.poll() is None:
+            own_redis.terminate()
+            try:
+                own_redis.wait(15)
+            except subprocess.TimeoutExpired:
+                own_redis.kill()
+    log.info("hub stopped", extra={"code": code})
     return code

@@ -1,30 +1,67 @@
 """The Celery app. ``relay worker`` runs it; so does ``celery -A workers.app worker``.
 
 With plain ``celery -A workers.app``, the config comes from ``RELAY_CONFIG`` (default
-``config/relay.yaml``) and the scheduler runs in every worker unless ``RELAY_SCHEDULER=0``.
+``config/relay.yaml``), including ``worker.pool``, ``worker.concurrency`` and the queue (a
+``-c``/``-P`` given on that command line still wins, as Celery does), and the scheduler runs in
+every worker unless ``RELAY_SCHEDULER=0``. Both print JSON lines only: no banner, relay's own
+delivery lines at INFO whatever Celery's ``-l``.
+
+Signals, in every pool:
+
+* SIGTERM (to the main process or to its whole process group, as systemd and ``relay up``
+  send it): warm shutdown. Pool children ignore SIGTERM themselves (Celery resets it to
+  "die" in them, which cut in-flight posts); the main process stops taking tasks and each
+  child drains its posts (up to their timeout) before it exits.
+* SIGHUP: reload the config (relay/reload.py) in the main process and every pool child.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from typing import Any
 
+import kombu
 from celery import Celery, bootsteps, signals
+from celery.apps import worker as celery_worker
 from celery.exceptions import Reject
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from relay.config import Config, config_path, load_config
+from relay.connections import PreflightError, celery_broker, preflight, sync_client
 from relay.gcfreeze import freeze_startup_objects
 from relay.keys import Keys
 from relay.logs import setup_logging
 from relay.queue import DELIVER_TASK
-from workers.engine import get_engine, shutdown_engine
+from relay.reload import Reloader
+from workers.engine import current_engine, get_engine, shutdown_engine
+from workers.heartbeat import Heartbeat
 from workers.scheduler import Scheduler
 
 log = logging.getLogger("relay.worker")
+
+#: The kombu this module's two kombu-specific parts were written and tested against.
+KOMBU_TESTED = (5, 7)
+
+
+def _check_kombu() -> None:
+    """Fail loudly at start, not silently later, if the kombu internals relied on are gone:
+    ``Channel._connparams`` (patched below) and the ``unacked_restore_interval`` transport
+    option (without it kombu sweeps for a dead worker's tasks every ~100 s, and the two-minute
+    recovery promise breaks)."""
+    missing = []
+    if not callable(getattr(kombu_redis.Channel, "_connparams", None)):
+        missing.append("kombu.transport.redis.Channel._connparams")
+    if "unacked_restore_interval" not in kombu_redis.Channel.from_transport_options:
+        missing.append("the 'unacked_restore_interval' transport option")
+    if missing or tuple(kombu.VERSION[:2]) < KOMBU_TESTED:
+        raise RuntimeError(
+            f"kombu {kombu.__version__} lacks what the hub relies on "
+            f"({', '.join(missing) or 'needs 5.7 or newer'}): install kombu>=5.7")
 
 
 def _detached_channel_is_a_connection_error() -> None:
@@ -54,13 +91,30 @@ def _detached_channel_is_a_connection_error() -> None:
     channel._connparams = _connparams  # type: ignore[method-assign]
 
 
+def _say_as_json(msg: str, file: Any = None) -> None:
+    """Celery prints a few lines itself ("worker: Warm shutdown (MainProcess)") with
+    ``safe_say`` to stdout; every line the hub writes is JSON, so they go to the log."""
+    log.info(str(msg).strip())
+
+
+_check_kombu()
 _detached_channel_is_a_connection_error()
+celery_worker.safe_say = _say_as_json  # type: ignore[assignment]
+
+#: The config this process runs on now (a reload replaces it; tasks read it from here).
+_live: dict[str, Config] = {}
+
+
+def live_config() -> Config:
+    return _live["config"]
 
 
 def create_app(config: Config, scheduler: bool = True) -> Celery:
-    app = Celery("relay", broker=config.redis.url, set_as_current=False)
+    _live["config"] = config
+    broker, transport = celery_broker(config.redis)
+    app = Celery("relay", broker=broker, set_as_current=False)
     app.conf.update(
-        task_default_queue=config.worker.queue,
+        task_default_queue=Keys.of(config).queue,
         task_ignore_result=True,
         # At-least-once: a task is acknowledged only once it has leased its attempts, and a
         # task whose process died is handed out again.
@@ -70,9 +124,13 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
         worker_prefetch_multiplier=8,
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
+        # Also for plain ``celery -A workers.app worker`` (its -c / -P still win).
+        worker_concurrency=config.worker.concurrency,
+        worker_pool=config.worker.pool,
         broker_connection_retry_on_startup=True,
         broker_connection_max_retries=None,
         broker_transport_options={
+            **transport,
             "visibility_timeout": config.worker.visibility_timeout,
             # Sweep for tasks of dead workers every 5 s (kombu's default sweep is ~100 s).
             "unacked_restore_interval": 5,
@@ -80,7 +138,6 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
         },
         worker_enable_remote_control=True,
     )
-    app.relay_config = config  # type: ignore[attr-defined]
     app.relay_scheduler = scheduler  # type: ignore[attr-defined]
 
     @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
@@ -88,47 +145,121 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
                 attempt: int, batch: str | None = None) -> int:
         """Lease and start the attempts for one event or a batch of them (to every matching
         subscriber, or to those named)."""
+        engine = get_engine(live_config())
         try:
-            return get_engine(config).start(event_id, subscribers, attempt, batch)
+            return engine.start(event_id, subscribers, attempt, batch)
         except (RedisError, OSError) as exc:
             # Not acknowledged: back to the queue, tried again once Redis answers.
             raise Reject(repr(exc), requeue=True) from exc
+        except Exception as exc:
+            # Not a passing condition: retrying would fail the same way, forever.
+            log.exception("task cannot be processed; its events are dead-lettered",
+                          extra={"eventId": event_id, "subscribers": subscribers})
+            try:
+                engine.give_up(event_id, subscribers, attempt, batch, exc)
+            except (RedisError, OSError) as redis_exc:
+                raise Reject(repr(redis_exc), requeue=True) from redis_exc
+            return 0
 
-    app.steps["worker"].add(SchedulerStep)
+    app.steps["worker"].add(MainProcessStep)
     return app
 
 
-class SchedulerStep(bootsteps.StartStopStep):
-    """Runs the retry scheduler in the worker's main process, beside the pool."""
+class MainProcessStep(bootsteps.StartStopStep):
+    """In the worker's main process: the retry scheduler, the heartbeat, SIGHUP reload."""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self.scheduler: Scheduler | None = None
+        self.heartbeat: Heartbeat | None = None
         super().__init__(worker, **kwargs)
 
     def start(self, worker: Any) -> None:
-        app = worker.app
-        if not getattr(app, "relay_scheduler", True):
-            return
-        import redis
+        config = live_config()
+        client = sync_client(config.redis, socket_connect_timeout=2, socket_timeout=10)
+        keys = Keys.of(config)
+        if getattr(worker.app, "relay_scheduler", True):
+            self.scheduler = Scheduler(client, keys,
+                                       redeliver_after=config.worker.visibility_timeout,
+                                       stats_ttl=config.redis.retention)
+            self.scheduler.start()
+            log.info("scheduler started")
+        self.heartbeat = Heartbeat(client, keys, [s.name for s in config.subscribers])
+        self.heartbeat.start()
+        reloader = Reloader(config, self._apply, "worker")
 
-        config: Config = app.relay_config
-        client = redis.Redis.from_url(config.redis.url, socket_connect_timeout=2,
-                                      socket_timeout=10)
-        self.scheduler = Scheduler(client, Keys(queue=config.worker.queue),
-                                   redeliver_after=config.worker.visibility_timeout)
-        self.scheduler.start()
-        log.info("scheduler started")
+        def on_hup(signum: int, frame: Any) -> None:
+            if reloader.reload():
+                _signal_children(worker, signal.SIGHUP)
+
+        # Replaces Celery's own SIGHUP handler, which re-executes the whole worker.
+        signal.signal(signal.SIGHUP, on_hup)
+
+    def _apply(self, config: Config) -> None:
+        _live["config"] = config
+        if self.heartbeat is not None:
+            self.heartbeat.subscribers = [s.name for s in config.subscribers]
+            self.heartbeat.beat()  # note new subscribers as known at once
+        engine = current_engine()  # solo and threads pools deliver in this process
+        if engine is not None:
+            engine.reload(config)
 
     def stop(self, worker: Any) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        for part in (self.scheduler, self.heartbeat):
+            if part is not None:
+                part.stop()
+
+
+def _signal_children(worker: Any, signum: int) -> None:
+    pool = getattr(getattr(worker, "pool", None), "_pool", None)
+    for proc in getattr(pool, "_pool", None) or []:
+        try:
+            os.kill(proc.pid, signum)
+        except (ProcessLookupError, TypeError):
+            continue
+
+
+@signals.celeryd_init.connect
+def _quiet_and_preflight(instance: Any = None, **_: Any) -> None:
+    """No banner (every line is JSON), and refuse a Redis that fails the preflight."""
+    if instance is not None:
+        instance.quiet = True
+    config = _live.get("config")
+    if config is None:
+        return
+    try:
+        with sync_client(config.redis, socket_connect_timeout=2, socket_timeout=5) as client:
+            preflight(config.redis, client, "worker")
+    except PreflightError as exc:
+        log.error("refusing to start: redis fails the preflight", extra={"error": str(exc)})
+        sys.stderr.flush()
+        os._exit(2)
 
 
 @signals.setup_logging.connect
 def _json_logs(loglevel: int | str | None = None, **_: Any) -> None:
-    """JSON lines under ``celery -A workers.app worker`` too (Celery then leaves logging alone)."""
+    """JSON lines under ``celery -A workers.app worker`` too (Celery then leaves logging alone);
+    relay's own lines at INFO at least, whatever Celery's -l."""
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
     setup_logging(str(level))
+    relay = logging.getLogger("relay")
+    if relay.getEffectiveLevel() > logging.INFO:
+        relay.setLevel(logging.INFO)
+
+
+@signals.worker_process_init.connect
+def _child_signals(**_: Any) -> None:
+    """In a prefork child: SIGTERM is the main process's to act on (it drains us); SIGHUP
+    reloads this child's engine."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    reloader = Reloader(live_config(), _apply_in_child, "worker child")
+    signal.signal(signal.SIGHUP, lambda signum, frame: reloader.reload())
+
+
+def _apply_in_child(config: Config) -> None:
+    _live["config"] = config
+    engine = current_engine()
+    if engine is not None:
+        engine.reload(config)
 
 
 @signals.worker_process_init.connect
@@ -149,14 +280,14 @@ def _drain_main(**_: Any) -> None:
 
 
 def run_worker(config: Config, concurrency: int | None = None, pool: str | None = None,
-               queue: str | None = None, scheduler: bool = True, log_level: str = "INFO") -> None:
+               scheduler: bool = True, log_level: str = "INFO") -> None:
     app = create_app(config, scheduler=scheduler)
     argv = [
         "worker",
         f"--loglevel={log_level}",
         f"--pool={pool or config.worker.pool}",
         f"--concurrency={concurrency or config.worker.concurrency}",
-        f"--queues={queue or config.worker.queue}",
+        f"--queues={Keys.of(config).queue}",
         "--without-gossip", "--without-mingle", "--without-heartbeat",
     ]
     app.worker_main(argv)

@@ -2,17 +2,17 @@
 
 Celery runs tasks synchronously, one at a time per pool slot; a delivery that waits 10 s on a
 slow subscriber would hold that slot and delay every other event behind it. So a task only
-*starts* deliveries: it loads the event, leases every pending (event, subscriber) attempt in
-the schedule (see ``workers/ledger.py``), hands the posts to this process's event loop and
-returns. The loop holds up to ``worker.max_in_flight`` attempts, shared equally among
-subscribers; an attempt whose subscriber holds its whole share is parked in the schedule,
-paced at the rate that subscriber answers, so memory stays flat and a slow subscriber fills
-only its own share. Of a subscriber's attempts, only its *lane* (``worker.max_connections``
-shared equally) are open posts at once, on one shared ``aiohttp.ClientSession``; the rest wait
-in order. A slow subscriber costs open sockets, never another subscriber's turn.
+*starts* deliveries: it loads its events, routes them, leases every pending (event,
+subscriber) attempt in the schedule (workers/ledger.py), hands the posts to this process's
+event loop and returns at once. It never waits for a subscriber: one subscriber's slowness
+never holds up a task, so never another subscriber's events (a subscriber already holding its
+share of the process is *parked* instead: workers/lanes.py).
 
-Because each attempt is leased in Redis before it starts, a SIGKILL at any moment loses
-nothing: the lease falls due and the scheduler queues the attempt again.
+The parts, one module each: ``lanes`` (how much each subscriber holds and posts at once),
+``leases`` (renewing what is held), ``gate`` (pause, breaker, rate limit), ``ledger`` (what is
+written to Redis), ``alerts``, ``http`` (one attempt). Because each attempt is leased in Redis
+before it starts, a SIGKILL at any moment loses nothing: the lease falls due and the
+scheduler queues the attempt again.
 """
 
 from __future__ import annotations
@@ -22,63 +22,62 @@ import contextlib
 import functools
 import logging
 import os
-import random
 import threading
 import time
-from collections import deque
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from relay.config import Config, Subscriber
+from relay.connections import async_client
 from relay.keys import Keys
-from relay.models import StoredEvent
+from relay.models import Attempt, StoredEvent
 from relay.queue import deliver_message
+from relay.routing import Router
 from workers import http
+from workers.alerts import Alerts
 from workers.backoff import retry_delay
-from workers.ledger import Attempt, Ledger, now_ms
-from workers.routing import Router
+from workers.gate import Gate
+from workers.lanes import Lane, Lanes
+from workers.leases import LeaseKeeper
+from workers.ledger import Ledger, Loaded, now_ms
 
 log = logging.getLogger("relay.worker")
 T = TypeVar("T")
 
-#: Latency assumed for a subscriber not yet heard from (s), and the spread added to parked
-#: attempts' due times (ms) so that they do not return in one wave.
-INITIAL_LATENCY = 0.1
-PARK_JITTER_MS = 200
 #: How long an outcome write is retried while Redis is away before the lease takes over.
 PERSIST_FOR = 120.0
-#: Fewest posts a subscriber may have open at once, however many subscribers share
-#: ``worker.max_connections``.
-MIN_LANE = 2
-#: Back-pressure: a task waits up to ROOM_WAIT seconds for room in the lanes that drain
-#: quickly (all they hold posted within QUICK_DRAIN seconds at their recent latency).
-ROOM_WAIT = 2.0
-QUICK_DRAIN = 0.5
+#: A subscriber this process does not know, that another live worker had configured within
+#: this long (workers/heartbeat.py), is not "removed": its attempt waits PARK_UNKNOWN_MS for
+#: a worker that knows it (a rolling deploy, or a reload not everywhere yet).
+KNOWN_FRESH_MS = 15_000
+PARK_UNKNOWN_MS = 5_000
+KNOWN_NOTE_SECONDS = 5.0
+#: Subscriber name of a dead letter for an event whose record expired before any subscriber
+#: was chosen for it (its fan-out found nothing to route).
+ANY = "*"
 
 
-class Lane:
-    """One subscriber's attempts in one process: ``width`` posts open at most, the rest wait
-    in arrival order (each leased in Redis; ``Engine._keep_leases`` keeps the lease ahead)."""
+class _Plan:
+    """What one task decided, written in one round trip before any post starts."""
 
-    def __init__(self, width: int, hold: int) -> None:
-        self.width = width
-        self.hold = hold        # most attempts held (open + waiting) before parking
-        self.held = 0
-        self.open = 0
-        self.last_done = 0.0    # loop time a post of this lane last ended (or an idle one began)
-        self.waiting: deque[tuple[StoredEvent, Subscriber, int, bytes]] = deque()
+    def __init__(self) -> None:
+        self.leases: dict[bytes, int] = {}
+        self.held: dict[str, dict[bytes, int]] = defaultdict(dict)
+        self.pending: dict[str, dict[str, int]] = defaultdict(dict)
+        #: (parked subscribers, attempt) -> events: one message per group, not per event
+        self.parked: dict[tuple[tuple[str, ...], int], list[str]] = defaultdict(list)
+        self.launch: list[tuple[StoredEvent, Subscriber, bytes]] = []
+        self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None]] = []
 
 
 class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.keys = Keys(queue=config.worker.queue)
-        self.router = Router(config.subscribers)
-        self._grace = config.worker.lease_grace
+        self.keys = Keys.of(config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="relay-delivery",
                                         daemon=True)
@@ -90,31 +89,58 @@ class Engine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _setup(self) -> None:
-        # Each subscriber may hold an equal share of worker.max_in_flight, so the total stays
-        # bounded (flat memory) and a slow one fills only its own share; and may have an
-        # equal share of worker.max_connections open: a thousand concurrent posts from one
-        # process cost each post twice the client CPU of 64 (docs/benchmarks.md).
-        n = max(1, len(self.config.subscribers))
-        share = max(1, self.config.worker.max_in_flight // n)
-        width = min(share, max(MIN_LANE, self.config.worker.max_connections // n))
-        self._lanes = {sub.name: Lane(width, share) for sub in self.config.subscribers}
-        self._leases: dict[bytes, tuple[int, Subscriber]] = {}  # held: lease -> (due ms, sub)
-        self._freed = asyncio.Event()  # set whenever a held attempt ends
-        self._latency: dict[str, float] = {}     # recent post latency (s), per subscriber
-        self._next_free: dict[str, float] = {}   # pacing clock for parked attempts (unix ms)
-        self._redis = aioredis.Redis.from_url(self.config.redis.url, socket_connect_timeout=2,
-                                              health_check_interval=10)
+        self._redis = async_client(self.config.redis, socket_connect_timeout=2,
+                                   health_check_interval=10)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
+        self.leases = LeaseKeeper(self.ledger, self.config.worker.lease_grace)
+        self.gate = Gate(self.ledger, self.keys, self.config.worker.lease_grace)
+        self.alerts = Alerts(self.ledger, self.keys, self.config.alerts)
+        self.lanes = Lanes()
+        self._apply(self.config)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
-        self._keeper = asyncio.create_task(self._keep_leases())
+        self._background = [asyncio.create_task(self.leases.run()),
+                            asyncio.create_task(self.alerts.run(self._session)),
+                            asyncio.create_task(self._note_known())]
 
-    # -- called from the Celery task thread -------------------------------------------------
+    def _apply(self, config: Config) -> None:
+        """Take a (re)loaded config: new, changed and removed subscribers apply to new work;
+        attempts in flight finish with the settings they started with."""
+        self.config = config
+        self.router = Router(config.subscribers)
+        self.subscribers = {s.name: s for s in config.subscribers}
+        self.lanes.resize(config.subscribers, config.worker.max_in_flight,
+                          config.worker.max_connections)
+        self.leases.grace = self.gate.lease_grace = config.worker.lease_grace
+        self.ledger.retention = config.redis.retention
+        self.alerts.targets = config.alerts
+
+    # -- called from other threads ----------------------------------------------------------
 
     def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
               batch: str | None = None) -> int:
         """Lease and launch the attempts of one task; returns how many were launched."""
         return self._call(self._start(event_ids, subscribers, attempt, batch))
+
+    def give_up(self, event_ids: str | list[str], subscribers: list[str] | None,
+                attempt: int, batch: str | None, error: BaseException) -> None:
+        """A task failed in a way no retry can mend: dead-letter its events and drop its
+        message, so it is not queued again forever (holding up the rest of its batch)."""
+        self._call(self._give_up(event_ids, subscribers, attempt, batch, error))
+
+    async def _give_up(self, event_ids: str | list[str], names: list[str] | None,
+                       attempt: int, batch: str | None, error: BaseException) -> None:
+        reason = f"cannot be processed: {type(error).__name__}: {error}"[:300]
+        ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
+        for event_id in ids:
+            for name in names or [ANY]:
+                await self._dead(event_id, self.subscribers.get(name, name), reason, None)
+        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
+        await self.ledger.run([("ZREM", self.keys.unclaimed, taken)])
+
+    def reload(self, config: Config) -> None:
+        """Apply ``config`` on the loop (safe from a signal handler or another thread)."""
+        self._loop.call_soon_threadsafe(self._apply, config)
 
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for held deliveries; returns how many were left (their
@@ -125,7 +151,7 @@ class Engine:
             while self._tasks and time.monotonic() < deadline:
                 await asyncio.wait(list(self._tasks), timeout=deadline - time.monotonic(),
                                    return_when=asyncio.FIRST_COMPLETED)
-            return sum(lane.held for lane in self._lanes.values())
+            return self.lanes.held()
 
         left = self._call(wait())
         self._call(self._close())
@@ -133,11 +159,12 @@ class Engine:
         return left
 
     async def _close(self) -> None:
-        self._keeper.cancel()
+        for task in self._background:
+            task.cancel()
         await self._session.close()
         await self._redis.aclose()
 
-    # -- on the loop --------------------------------------------------------------------------
+    # -- a task: route, lease, launch --------------------------------------------------------
 
     async def _start(self, event_ids: str | list[str], names: list[str] | None, attempt: int,
                      batch: str | None) -> int:
@@ -145,212 +172,211 @@ class Engine:
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
         taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
-        await self._room(len(ids))
-        now = now_ms()
-        leases: dict[bytes, int] = {}
-        launch: list[tuple[StoredEvent, Subscriber, bytes]] = []
-        for event_id, (event, done, seen) in zip(
-                ids, await self.ledger.load(ids, batch is not None), strict=True):
-            if event is None:
-                log.error("event record missing (expired or never stored); nothing to deliver",
-                          extra={"eventId": event_id})
-                continue
-            if batch is not None and seen is not None and seen != batch:
-                continue  # a duplicate in this batch: the batch that stored it fans it out
-            targets = self._targets(event, names, done)
-            parked: list[str] = []
-            park_at = 0
-            for sub in targets:
-                if attempt > sub.max_attempts:
-                    # Only a lease for an attempt past the last gets here: the worker that
-                    # made the last attempt died before it could record the outcome.
-                    await self.ledger.dead_letter(event, sub.name, None, None,
-                                                  "no outcome recorded for the last attempt")
-                    log.warning("dead-lettered", extra={
-                        "eventId": event_id, "subscriber": sub.name,
-                        "reason": "last attempt lost"})
-                elif (lane := self._lanes[sub.name]).held >= lane.hold:
-                    # This subscriber already holds its share of the process's attempts: park
-                    # the attempt in the schedule (not in memory, not counted as an attempt)
-                    # rather than wait, so its slowness never holds up anyone else.
-                    parked.append(sub.name)
-                    park_at = max(park_at, self._parking_slot(sub.name, now))
-                else:
-                    lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
-                    leases[lease] = now + self._lease_ms(sub)
-                    launch.append((event, sub, lease))
-                    lane.held += 1
-            if parked:
-                # One message per event for all its parked subscribers: a Celery message costs
-                # ~2 ms of worker CPU, so one per (event, subscriber) would turn a burst into
-                # more work than the posts themselves.
-                leases[deliver_message(self.keys.queue, event_id, parked, attempt)] = park_at
+        loaded = await self.ledger.load(ids, batch is not None)
+        unknown = await self._known_elsewhere(names)
+        plan, now = _Plan(), now_ms()
+        for event_id, item in zip(ids, loaded, strict=True):
+            try:
+                self._plan_event(plan, event_id, item, names, attempt, batch, unknown, now)
+            except Exception as exc:  # a poisoned event: dead-letter it, deliver the rest
+                log.exception("event cannot be processed; dead-lettered",
+                              extra={"eventId": event_id})
+                reason = f"cannot be processed: {type(exc).__name__}: {exc}"[:300]
+                for name in names or [ANY]:
+                    plan.dead.append((event_id, self.subscribers.get(name, name), reason,
+                                      item.event))
+        for (subs, n), group in plan.parked.items():
+            # One message for every event parked with the same subscribers: a Celery message
+            # costs ~2 ms of worker CPU, so one per (event, subscriber) would turn a burst into
+            # more work than the posts themselves.
+            due = max(self.lanes[s].parking_slot(now, len(group), self.subscribers[s].rate_limit)
+                      for s in subs)
+            message = deliver_message(self.keys.queue, group[0] if len(group) == 1 else group,
+                                      list(subs), n)
+            plan.leases[message] = due
         try:
-            await self.ledger.lease(leases, taken)
+            await self.ledger.lease(plan.leases, plan.held, plan.pending, taken)
         except BaseException:
-            for _, sub, _ in launch:
-                self._lanes[sub.name].held -= 1
+            for _, sub, _ in plan.launch:
+                self.lanes[sub.name].held -= 1
             raise
-        for event, sub, lease in launch:
-            self._leases[lease] = (leases[lease], sub)
-            lane = self._lanes[sub.name]
+        for event_id, sub, reason, event in plan.dead:
+            await self._dead(event_id, sub, reason, event)
+        for event, sub, lease in plan.launch:
+            self.leases.track(lease, plan.leases[lease], sub)
+            lane = self.lanes[sub.name]
             if lane.open < lane.width:
                 self._open(lane, event, sub, attempt, lease)
             else:
                 lane.waiting.append((event, sub, attempt, lease))
-        return len(launch)
+        return len(plan.launch)
+
+    def _plan_event(self, plan: _Plan, event_id: str, item: Loaded, names: list[str] | None,
+                    attempt: int, batch: str | None, unknown: dict[str, bool], now: int) -> None:
+        event = item.event
+        if item.error is not None:
+            raise ValueError(item.error)  # dead-lettered by the caller, the rest go on
+        if event is None:
+            # The record expired (redis.retention) while attempts were pending: each becomes a
+            # dead letter, counted, never dropped silently.
+            for name in names or [ANY]:
+                if name not in item.done:
+                    plan.dead.append((event_id, self.subscribers.get(name, name),
+                                      "event expired", None))
+            log.error("event record expired with attempts pending; dead-lettered",
+                      extra={"eventId": event_id, "subscribers": names or ANY})
+            return
+        if batch is not None and item.seen is not None and item.seen != batch:
+            return  # a duplicate in this batch: the batch that stored it fans it out
+        if names is None:
+            targets, missing = self.router.route(event), []
+        else:
+            targets = [self.subscribers[n] for n in names if n in self.subscribers]
+            missing = [n for n in names if n not in self.subscribers and n not in item.done]
+        for name in missing:
+            if unknown.get(name):  # another live worker knows it: leave it to them
+                message = deliver_message(self.keys.queue, event_id, [name], attempt)
+                plan.leases[message] = now + PARK_UNKNOWN_MS
+            else:
+                plan.dead.append((event_id, name, "subscriber removed", event))
+        parked: list[str] = []
+        for sub in targets:
+            if sub.name in item.done:
+                continue
+            plan.pending[sub.name][event_id] = int(event.received_at * 1000)
+            lane = self.lanes[sub.name]
+            if attempt > sub.max_attempts:
+                # Only a lease for an attempt past the last gets here: the worker that made
+                # the last attempt died before it could record the outcome.
+                plan.dead.append((event_id, sub, "no outcome recorded for the last attempt",
+                                  event))
+            elif self.gate.cached_hold(sub):
+                # Paused, disabled or its breaker open: held, not posted, not counted.
+                message = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
+                plan.held[sub.name][message] = now
+            elif lane.full:
+                # It already holds its share of the process's attempts: park the attempt in
+                # the schedule (not in memory, not counted as an attempt) rather than wait,
+                # so its slowness never holds up anyone else.
+                parked.append(sub.name)
+            else:
+                lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
+                plan.leases[lease] = now + self.leases.lease_ms(sub)
+                plan.launch.append((event, sub, lease))
+                lane.held += 1
+        if parked:
+            plan.parked[(tuple(parked), attempt)].append(event_id)
+
+    async def _known_elsewhere(self, names: list[str] | None) -> dict[str, bool]:
+        """For names this process does not have configured: did a live worker have them
+        configured lately? (Then they are not removed, just not here yet or any more.)"""
+        missing = [n for n in names or [] if n not in self.subscribers]
+        if not missing:
+            return {}
+        (seen,) = await self.ledger.run([("HMGET", self.keys.known, *missing)])
+        now = now_ms()
+        return {name: bool(at) and now - int(at) < KNOWN_FRESH_MS
+                for name, at in zip(missing, seen, strict=True)}
+
+    async def _note_known(self) -> None:
+        """Note in ``known`` the subscribers this process delivers to (configured, or still
+        holding attempts after a reload removed them): workers/heartbeat.py dead-letters the
+        attempts of a name no live process has noted for a while."""
+        while True:
+            names = set(self.subscribers) | set(self.lanes.busy())
+            if names:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.ledger.run([("HSET", self.keys.known,
+                                            *[x for n in names for x in (n, now_ms())])])
+            await asyncio.sleep(KNOWN_NOTE_SECONDS)
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
               lease: bytes) -> None:
-        if lane.open == 0:
-            lane.last_done = self._loop.time()  # an idle lane starting again counts as moving
         lane.open += 1
         task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, lane, lease))
 
-    async def _room(self, events: int) -> None:
-        """Wait (up to ROOM_WAIT) until each lane that drains quickly has room for a task's
-        ``events``. Without this a saturated worker takes message after message, parks what
-        its lanes cannot hold, and the parked attempts come back as more messages (~2 ms of
-        CPU each): the backlog cycles through the schedule instead of waiting in the Redis
-        queue. A lane that drains slowly is never waited for (its attempts are parked), and
-        one whose posts stop ending counts as slow after QUICK_DRAIN: a subscriber that
-        hangs holds others up by half a second at most, once."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ROOM_WAIT
-        while any(self._crowded(name, lane, loop.time(), events)
-                  for name, lane in self._lanes.items()):
-            left = deadline - loop.time()
-            if left <= 0:
-                return
-            self._freed.clear()
-            # Look again at least every 0.1 s: a lane that stops answering turns slow.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(left, 0.1)):
-                    await self._freed.wait()
-
-    def _crowded(self, name: str, lane: Lane, now: float, events: int) -> bool:
-        """Too full for ``events`` more, yet draining quickly: worth waiting for."""
-        if lane.held + min(events, max(1, lane.hold // 2)) <= lane.hold:
-            return False
-        if now - lane.last_done > QUICK_DRAIN:
-            return False  # nothing ended lately: its posts hang, whatever its past latency
-        drain = lane.held * self._latency.get(name, INITIAL_LATENCY) / lane.width
-        return drain < QUICK_DRAIN
-
-    def _lease_ms(self, sub: Subscriber) -> int:
-        """How long a lease lasts past its last renewal: the post, then the grace."""
-        return int((sub.timeout + self._grace) * 1000)
-
-    async def _keep_leases(self) -> None:
-        """Push back the leases of attempts this process still holds before they fall due.
-
-        An attempt may wait in its lane behind slow posts for longer than one post's
-        timeout; its lease must not fall due meanwhile (the scheduler would queue it again:
-        a duplicate post). So, like SQS's ChangeMessageVisibility or a Celery visibility
-        timeout renewed while a task runs, a live worker renews what it holds, and a dead
-        one's leases fall due ``timeout + lease_grace`` after its last renewal. Nothing is
-        written while deliveries finish quickly: only leases within half a grace of due.
-        """
-        interval = max(0.1, min(5.0, self._grace / 4))
-        while True:
-            await asyncio.sleep(interval)
-            now = now_ms()
-            soon = now + int(self._grace * 500)
-            renew = {lease: now + self._lease_ms(sub)
-                     for lease, (due, sub) in self._leases.items()
-                     if due - int(sub.timeout * 1000) < soon}
-            if not renew:
-                continue
-            try:
-                await self.ledger.renew(renew)
-            except (RedisError, OSError) as exc:
-                log.warning("could not renew leases; retrying", extra={"error": repr(exc)})
-                continue
-            except Exception:  # a keeper that died would let held attempts be posted twice
-                log.exception("renewing leases failed; retrying")
-                continue
-            for lease, due in renew.items():
-                if lease in self._leases:
-                    self._leases[lease] = (due, self._leases[lease][1])
-
-    def _parking_slot(self, name: str, now: int) -> int:
-        """When a parked attempt should come back: paced at the rate this subscriber frees
-        posts (its lane's width / its recent latency), so a long backlog behind a slow
-        subscriber returns at the rate it can be served instead of cycling through the queue."""
-        pace_ms = 1000 * self._latency.get(name, INITIAL_LATENCY) / self._lanes[name].width
-        slot = max(now, self._next_free.get(name, 0.0)) + pace_ms
-        self._next_free[name] = slot
-        return int(slot) + random.randint(0, PARK_JITTER_MS)
-
     def _finished(self, lane: Lane, lease: bytes, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._leases.pop(lease, None)
+        self.leases.forget(lease)
         lane.held -= 1
         lane.open -= 1
-        lane.last_done = self._loop.time()
-        self._freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         if lane.waiting and lane.open < lane.width:
             self._open(lane, *lane.waiting.popleft())
 
-    def _targets(self, event: StoredEvent, names: list[str] | None, done: set[str]
-                 ) -> list[Subscriber]:
-        if names is None:
-            chosen = self.router.route(event)
-        else:
-            chosen = []
-            for name in names:
-                sub = self.config.subscriber(name)
-                if sub is None:
-                    log.warning("subscriber no longer configured; delivery dropped",
-                                extra={"eventId": event.event_id, "subscriber": name})
-                else:
-                    chosen.append(sub)
-        return [s for s in chosen if s.name not in done]
+    # -- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
                        lease: bytes) -> None:
-        outcome = await http.attempt(self._session, sub, event)
+        verdict = await self.gate.admit(sub)
+        if verdict.hold:
+            # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
+            self.leases.forget(lease)
+            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt)
+            await self._persist(lambda: self.ledger.hold(sub.name, lease, member))
+            return
+        headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
+                                      event.body)
+        outcome = await http.post(self._session, sub.url, event.body, headers, sub.timeout)
         # The outcome write below re-scores or removes the lease: stop renewing it first.
-        self._leases.pop(lease, None)
-        seen = self._latency.get(sub.name, INITIAL_LATENCY)
-        self._latency[sub.name] = 0.8 * seen + 0.2 * outcome.latency_ms / 1000
-        record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms)
+        self.leases.forget(lease)
+        self.lanes[sub.name].observe(outcome.latency_ms)
+        record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms,
+                         verdict.probe)
         context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
                    "status": outcome.status, "error": outcome.error,
                    "latency_ms": outcome.latency_ms}
         if outcome.ok:
-            await self._persist(lambda: self.ledger.succeeded(event.event_id, sub.name, lease,
-                                                              record))
+            transitions = await self._persist(
+                lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
             log.info("delivered", extra=context)
-        elif outcome.gone or attempt >= sub.max_attempts:
+        elif outcome.gone or (attempt >= sub.max_attempts and not verdict.probe):
             reason = "410 Gone" if outcome.gone else f"{attempt} attempts failed"
-            await self._persist(lambda: self.ledger.dead_letter(event, sub.name, lease, record,
-                                                                reason))
+            transitions = await self._persist(
+                lambda: self.ledger.dead_letter(event.event_id, sub, reason, event, lease,
+                                                record))
             log.warning("dead-lettered", extra={**context, "reason": reason})
         else:
             delay = retry_delay(sub.backoff, attempt, outcome.retry_after)
             due = now_ms() + int(delay * 1000)
-            await self._persist(lambda: self.ledger.retry_at(event.event_id, sub.name, lease,
-                                                             due, record))
-            log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3)})
+            # A failed probe does not use up an attempt: the same attempt waits for the next.
+            n = attempt if verdict.probe else attempt + 1
+            nxt = deliver_message(self.keys.queue, event.event_id, [sub.name], n)
+            transitions = await self._persist(
+                lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due))
+            log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3),
+                                               "probe": verdict.probe})
+        self.gate.learn(sub, outcome.ok, transitions or [])
+        await self._alert(transitions, sub.name, f"{event.event_id}: {record.describe()}")
 
-    async def _persist(self, write: Callable[[], Awaitable[None]]) -> None:
+    async def _dead(self, event_id: str, sub: Subscriber | str, reason: str,
+                    event: StoredEvent | None) -> None:
+        name = sub if isinstance(sub, str) else sub.name
+        transitions = await self._persist(
+            lambda: self.ledger.dead_letter(event_id, sub, reason, event))
+        log.warning("dead-lettered", extra={"eventId": event_id, "subscriber": name,
+                                            "reason": reason})
+        await self._alert(transitions, name, f"{event_id}: {reason}")
+
+    async def _alert(self, transitions: list[str] | None, name: str, detail: str) -> None:
+        for transition in transitions or []:
+            await self.alerts.raise_(transition, name, detail)
+
+    async def _persist(self, write: Callable[[], Awaitable[T]]) -> T | None:
         """Record an outcome, retrying while Redis is away; the lease covers the rest."""
         deadline = time.monotonic() + PERSIST_FOR
         pause = 0.1
         while True:
             try:
-                await write()
-                return
+                return await write()
             except (RedisError, OSError) as exc:
                 if time.monotonic() > deadline:
                     log.error("could not record outcome; the lease will retry it",
                               extra={"error": repr(exc)})
-                    return
+                    return None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
@@ -367,6 +393,11 @@ def get_engine(config: Config) -> Engine:
         if _engine is None or _engine_pid != os.getpid():
             _engine, _engine_pid = Engine(config), os.getpid()
         return _engine
+
+
+def current_engine() -> Engine | None:
+    """This process's engine if it has one (a reload applies to it)."""
+    return _engine if _engine is not None and _engine_pid == os.getpid() else None
 
 
 def shutdown_engine(timeout: float) -> None:

@@ -1,4 +1,9 @@
-"""One delivery attempt over HTTP: sign, post the exact bytes, classify the outcome."""
+"""One delivery attempt over HTTP: sign, post the exact bytes, classify the outcome.
+
+Every failure of an attempt becomes an ``Outcome`` with an error class, whatever raised it:
+an attempt that escaped as an exception would never be recorded, and would come back only
+when its lease expired, with no history in its dead letter.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,9 @@ import time
 
 import aiohttp
 import msgspec
+from multidict import CIMultiDict
 
-from relay.config import Subscriber
-from relay.models import StoredEvent
+from relay.config import SignatureScheme
 from relay.signatures import INGRAM_HEADER, StandardWebhook, sign_ingram
 from workers.backoff import parse_retry_after
 
@@ -35,34 +40,36 @@ class Outcome(msgspec.Struct, frozen=True):
         return self.status == 410
 
 
-def signed_headers(sub: Subscriber, event: StoredEvent) -> dict[str, str]:
-    """The subscriber's own headers, then content type and signatures (which win)."""
-    headers = dict(sub.headers)
+def signed_headers(signature: SignatureScheme, secret: str, own: dict[str, str],
+                   event_id: str, body: bytes) -> CIMultiDict[str]:
+    """The endpoint's own headers, then content type and signatures. Header names are
+    case-insensitive: the hub's win over a configured ``content-type`` or ``x-hub-signature``
+    in any case, instead of going out twice."""
+    headers: CIMultiDict[str] = CIMultiDict(own)
     headers["Content-Type"] = "application/json"
     headers["User-Agent"] = USER_AGENT
-    if sub.signature in ("ingram", "both"):
-        headers[INGRAM_HEADER] = sign_ingram(sub.secret, event.event_id)
-    if sub.signature in ("standard", "both"):
+    if signature in ("ingram", "both"):
+        headers[INGRAM_HEADER] = sign_ingram(secret, event_id)
+    if signature in ("standard", "both"):
         # webhook-id is stable across retries (receivers dedupe on it); timestamp is fresh.
-        headers.update(StandardWebhook(sub.secret).headers(f"msg_{event.event_id}", event.body))
+        for name, value in StandardWebhook(secret).headers(f"msg_{event_id}", body).items():
+            headers[name] = value
     return headers
 
 
-async def attempt(session: aiohttp.ClientSession, sub: Subscriber, event: StoredEvent
-                  ) -> Outcome:
+async def post(session: aiohttp.ClientSession, url: str, body: bytes,
+               headers: CIMultiDict[str], timeout: float) -> Outcome:
     started = time.perf_counter()
 
     def elapsed() -> float:
         return round((time.perf_counter() - started) * 1000, 2)
 
     try:
-        async with session.post(sub.url, data=event.body, headers=signed_headers(sub, event),
-                                allow_redirects=False,
-                                timeout=aiohttp.ClientTimeout(total=sub.timeout)) as resp:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             await resp.content.read(_ANSWER_BYTES)
-            retry_after = None
-            if resp.status in (429, 503):
-                retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
+            # Retry-After is honoured on any status (a 500 with one means it too).
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
             return Outcome(resp.status, None, elapsed(), retry_after)
     except TimeoutError:
         return Outcome(None, "timeout", elapsed())
@@ -71,4 +78,8 @@ async def attempt(session: aiohttp.ClientSession, sub: Subscriber, event: Stored
     except aiohttp.ClientConnectorError:
         return Outcome(None, "connect", elapsed())
     except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+        return Outcome(None, type(exc).__name__, elapsed())
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # e.g. ValueError for a header aiohttp refuses: still an attempt
         return Outcome(None, type(exc).__name__, elapsed())

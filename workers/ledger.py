@@ -1,17 +1,23 @@
-"""What the workers write to Redis about deliveries: leases, outcomes, attempt logs, dead letters.
+"""What workers write to Redis: leases, outcomes, held attempts, dead letters.
 
-The schedule (a sorted set scored by due time, as in arq's delayed jobs) is the source of
-truth for every delivery that is not yet done. Its members are ready-made Celery messages
-(``relay.queue.deliver_message``) for "the next attempt of (event, subscriber)":
+The schedule (a sorted set scored by due time) holds ready Celery messages (built by
+``relay.queue.deliver_message``) for "the next attempt of (event, subscriber)":
 
 * before attempt *n* starts, a *lease* is added: the message for attempt *n+1*, due at
   ``now + timeout + lease_grace``. If the worker dies mid-attempt, the scheduler moves the
   lease into the queue when it falls due, and the delivery is tried again: nothing held only
   in a worker's memory is ever needed to finish it;
 * a failed attempt re-scores the same member to its backoff due time (``ZADD XX``: if the
-  lease already fell due and was moved, the retry is already queued, and nothing is added);
-* success removes it and records a done marker, so a redelivered task does not repeat it;
-* the last failure removes it and writes a dead letter with the attempt history.
+  lease already fell due and was moved, the retry is queued already and nothing is added);
+* success removes it and marks the delivery done, so a redelivered task does not repeat it;
+* the last failure (or a 410) removes it and writes a dead letter; the attempt history stays
+  in the attempt log, which expires with it.
+
+Each outcome is **one Lua script** (``OUTCOME``): the delivery record, the attempt log, the
+lease, the per-minute and running counters, the pending index, the subscriber's health
+(circuit breaker, disable) and, for a dead letter, the letter and its index. One command
+instead of a dozen: Redis client work was ~30 % of a worker's CPU at fan-out 10
+(docs/benchmarks.md), and a script applies all of it or none.
 """
 
 from __future__ import annotations
@@ -23,155 +29,275 @@ import msgspec
 import redis.asyncio as aioredis
 
 from relay.batching import GroupCommit, Script
+from relay.config import Subscriber
+from relay.counters import STATS_TTL, latency_bucket
+from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
-from relay.models import StoredEvent
+from relay.models import Attempt, DeadLetter, StoredEvent
 
 #: Attempt records kept per (event, subscriber); older ones are trimmed.
 LOG_LENGTH = 50
 
+OUTCOME = Script(RELEASE_HELD_FN + """
+-- KEYS: 1 deliveries, 2 log, 3 schedule, 4 stats of this minute, 5 totals, 6 pending,
+--       7 health, 8 breakers, 9 held, 10 event, 11 letter, 12 dead index, 13 deadsubs
+local mode, now, sub, id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local record, lease, ret = ARGV[5], ARGV[6], ARGV[7]
+local transitions = {}
+local function count(field, n)
+  redis.call('HINCRBY', KEYS[4], sub .. '|' .. field, n)
+  redis.call('HINCRBY', KEYS[5], sub .. '|' .. field, n)
+end
+if record ~= '' then
+  redis.call('LPUSH', KEYS[2], record)
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[8]) - 1)
+  redis.call('EXPIRE', KEYS[2], ret)
+  count('l' .. ARGV[10], 1)
+  redis.call('HINCRBYFLOAT', KEYS[5], sub .. '|ls', ARGV[11])
+end
 
-class Attempt(msgspec.Struct, array_like=True, frozen=True):
-    at: float
-    attempt: int
-    status: int | None
-    error: str | None
-    latency_ms: float
+-- Health: only an attempt that was made moves the breaker.
+local h = KEYS[7]
+local state = redis.call('HGET', h, 'state') or 'closed'
+if record ~= '' and mode == 'ok' then
+  redis.call('HSET', h, 'state', 'closed', 'failures', 0, 'last_success_at', now)
+  redis.call('HDEL', h, 'failing_since', 'open_until', 'probe_until', 'cool_down', 'disabled_at')
+  redis.call('ZREM', KEYS[8], sub)
+  if state ~= 'closed' then
+    transitions[#transitions + 1] = 'recovered'
+    if redis.call('HGET', h, 'paused') ~= '1' then
+      release_held(KEYS[9], KEYS[3], now)
+    end
+  end
+  state = 'closed'
+elseif record ~= '' then
+  local failures = redis.call('HINCRBY', h, 'failures', 1)
+  redis.call('HSET', h, 'last_error', ARGV[17], 'last_error_at', now)
+  local since = tonumber(redis.call('HGET', h, 'failing_since'))
+  if not since then
+    since = now
+    redis.call('HSET', h, 'failing_since', now)
+  end
+  local threshold, cool, max_cool = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+  local disable_after = tonumber(ARGV[15])
+  if disable_after > 0 and now - since >= disable_after and state ~= 'disabled' then
+    redis.call('HSET', h, 'state', 'disabled', 'disabled_at', now)
+    redis.call('ZREM', KEYS[8], sub)
+    transitions[#transitions + 1] = 'disabled'
+    state = 'disabled'
+  elseif threshold > 0 and (state == 'half' or (state == 'open' and ARGV[16] == '1')) then
+    -- the probe failed: open again, the cool-down doubled up to its maximum
+    local next_cool = math.min((tonumber(redis.call('HGET', h, 'cool_down')) or cool) * 2,
+                               max_cool)
+    redis.call('HSET', h, 'state', 'open', 'open_until', now + next_cool, 'cool_down', next_cool)
+    redis.call('HDEL', h, 'probe_until')
+    redis.call('ZADD', KEYS[8], now + next_cool, sub)
+    state = 'open'
+  elseif threshold > 0 and state == 'closed' and failures >= threshold then
+    redis.call('HSET', h, 'state', 'open', 'open_until', now + cool, 'cool_down', cool)
+    redis.call('ZADD', KEYS[8], now + cool, sub)
+    transitions[#transitions + 1] = 'opened'
+    state = 'open'
+  end
+end
 
-    def describe(self) -> str:
-        return f"HTTP {self.status}" if self.status is not None else (self.error or "?")
-
-
-class DeadLetter(msgspec.Struct, array_like=True, frozen=True):
-    event_id: str
-    subscriber: str
-    reason: str
-    dead_at: float
-    attempts: list[Attempt]
-    event: StoredEvent
-
-
-# One script per outcome: the work is the same inside Redis, but the worker packs, sends and
-# parses one command instead of six (Redis client work was ~30 % of a worker's CPU at fan-out
-# 10, docs/benchmarks.md). Order within each still makes any prefix harmless.
-# ARGV[1] retention seconds and ARGV[2] attempt-log length in both.
-# SUCCEEDED: KEYS done hash, attempt log, schedule; ARGV[3..6] subscriber, done at ms, record, lease
-SUCCEEDED = Script("""
-redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('LPUSH', KEYS[2], ARGV[5])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[6])
+if mode == 'ok' then
+  count('d', 1)
+  redis.call('HSET', KEYS[1], sub, 'd' .. now)
+  redis.call('EXPIRE', KEYS[1], ret)
+  redis.call('ZREM', KEYS[3], lease)
+  redis.call('ZREM', KEYS[6], id)
+elseif mode == 'retry' then
+  count('f', 1)
+  local next, due = ARGV[18], ARGV[19]
+  -- A failed probe keeps its attempt number (ARGV[18] is then attempt n, not the lease's
+  -- n+1) and waits with the held attempts for the next probe.
+  local to_held = ARGV[16] == '1' and (state == 'open' or state == 'disabled')
+  if next == lease and not to_held then
+    redis.call('ZADD', KEYS[3], 'XX', due, lease)
+  elseif redis.call('ZREM', KEYS[3], lease) == 1 then
+    if to_held then
+      redis.call('ZADD', KEYS[9], now, next)
+    else
+      redis.call('ZADD', KEYS[3], due, next)
+    end
+  end
+  redis.call('HSET', KEYS[1], sub, (to_held and 'h' or 'r') .. due)
+  redis.call('EXPIRE', KEYS[1], ret)
+  redis.call('EXPIRE', KEYS[10], ret)
+else  -- dead
+  if record ~= '' then count('f', 1) end
+  count('x', 1)
+  redis.call('SET', KEYS[11], ARGV[20], 'EX', ret)
+  redis.call('ZADD', KEYS[12], now, id)
+  redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', now - tonumber(ret) * 1000)
+  redis.call('SADD', KEYS[13], sub)
+  redis.call('HSET', KEYS[1], sub, 'x' .. now)
+  redis.call('EXPIRE', KEYS[1], ret)
+  if lease ~= '' then redis.call('ZREM', KEYS[3], lease) end
+  redis.call('ZREM', KEYS[6], id)
+  transitions[#transitions + 1] = 'dead_lettered'
+end
+redis.call('EXPIRE', KEYS[4], ARGV[9])
+return transitions
 """)
-# RETRY_AT: KEYS event record, attempt log, schedule; ARGV[3..5] due ms, record, lease
-RETRY_AT = Script("""
-redis.call('LPUSH', KEYS[2], ARGV[4])
-redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('ZADD', KEYS[3], 'XX', ARGV[3], ARGV[5])
+
+# KEYS: schedule, held. ARGV: lease, member, now ms. An attempt admitted to no post (paused,
+# disabled, breaker open): its lease becomes a held attempt, unless the lease already fell due
+# and was queued (then that message holds it when it runs).
+HOLD = Script("""
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  return 1
+end
+return 0
 """)
 
 _encode = msgspec.msgpack.Encoder().encode
-
-
-def _scored(members: dict[bytes, int]) -> list[Any]:
-    """``{member: score}`` as ZADD's ``score member ...`` arguments."""
-    return [x for member, score in members.items() for x in (score, member)]
 _decode_event = msgspec.msgpack.Decoder(StoredEvent).decode
-_decode_attempts = msgspec.msgpack.Decoder(Attempt).decode
-decode_dead_letter = msgspec.msgpack.Decoder(DeadLetter).decode
 
 
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _scored(members: dict[bytes, int]) -> list[Any]:
+    """``{member: score}`` as ZADD's ``score member ...`` arguments."""
+    return [x for member, score in members.items() for x in (score, member)]
+
+
+class Loaded(msgspec.Struct, frozen=True):
+    """One event as a task sees it: its record (None if expired), the subscribers it was
+    delivered to, and (for a batch message) the token of the batch that stored it."""
+
+    event: StoredEvent | None
+    done: frozenset[str]
+    seen: str | None
+    #: Why the record could not be read (a poisoned record), if it could not.
+    error: str | None = None
+
+
 class Ledger:
-    """Worker-side writes. Outcome writes of concurrent deliveries share round trips
-    (``GroupCommit``); each outcome's commands are ordered so that any prefix of them, left by a
-    Redis that died mid-pipeline, is harmless: the done marker is set before the lease is
-    removed, and a lease is only ever removed last."""
+    """Worker-side writes; concurrent deliveries share round trips (``GroupCommit``)."""
 
     def __init__(self, client: aioredis.Redis, keys: Keys, retention: float) -> None:
         self._r = client
         self._k = keys
-        self._retention = int(retention)
+        self.retention = retention
         self._batch = GroupCommit(client, timeout=10.0)
 
-    async def _run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    @property
+    def retention(self) -> float:
+        return self._retention
+
+    @retention.setter
+    def retention(self, seconds: float) -> None:
+        self._retention = max(1, int(seconds))
+
+    async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         results = await self._batch.execute(commands)
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return results
 
-    async def load(self, event_ids: list[str], with_seen: bool = False
-                   ) -> list[tuple[StoredEvent | None, set[str], str | None]]:
-        """Per event: its record, the subscribers it was already delivered to, and (when
-        asked) the token of the batch that stored it, in one round trip."""
-        step = 3 if with_seen else 2
-        commands: list[tuple[Any, ...]] = []
-        for event_id in event_ids:
-            commands += [("GET", self._k.event(event_id)), ("HKEYS", self._k.done(event_id))]
-            if with_seen:
-                commands.append(("GET", self._k.seen(event_id)))
-        results = await self._run(commands)
-        loaded = []
-        for i in range(0, len(results), step):
-            raw, done = results[i], results[i + 1]
-            seen = results[i + 2].decode() if with_seen and results[i + 2] else None
-            loaded.append((_decode_event(raw) if raw else None, {d.decode() for d in done}, seen))
-        return loaded
-
-    async def lease(self, leases: dict[bytes, int], taken: bytes | None = None) -> None:
-        """Add the next-attempt messages (``{message: due_ms}``) before attempts start, then
-        drop ``taken`` (the message of the task doing this) from ``unclaimed``."""
-        commands: list[tuple[Any, ...]] = []
-        if leases:
-            commands.append(("ZADD", self._k.schedule, *_scored(leases)))
-        if taken is not None:
-            commands.append(("ZREM", self._k.unclaimed, taken))
-        if commands:
-            await self._run(commands)
-
-    async def renew(self, leases: dict[bytes, int]) -> None:
-        """Re-score held leases (``{message: due_ms}``); one already removed (its attempt
-        ended) or moved to the queue stays so (``XX``)."""
-        await self._run([("ZADD", self._k.schedule, "XX", *_scored(leases))])
-
-    async def succeeded(self, event_id: str, sub: str, lease: bytes, record: Attempt) -> None:
-        await self._script(SUCCEEDED, (self._k.done(event_id), self._k.log(event_id, sub),
-                                       self._k.schedule),
-                           (sub, int(record.at * 1000), _encode(record), lease))
-
-    async def retry_at(self, event_id: str, sub: str, lease: bytes, due_ms: int,
-                       record: Attempt) -> None:
-        await self._script(RETRY_AT, (self._k.event(event_id), self._k.log(event_id, sub),
-                                      self._k.schedule),
-                           (due_ms, _encode(record), lease))
-
-    async def _script(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]
-                      ) -> Any:
-        result = await self._batch.script(script, keys, (self._retention, LOG_LENGTH, *args))
+    async def script(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
+        result = await self._batch.script(script, keys, args)
         if isinstance(result, Exception):
             raise result
         return result
 
-    async def dead_letter(self, event: StoredEvent, sub: str, lease: bytes | None,
-                          record: Attempt | None, reason: str) -> None:
-        log_key = self._k.log(event.event_id, sub)
-        logged = self._log(event.event_id, sub, record) if record is not None else []
-        results = await self._run([*logged, ("LRANGE", log_key, 0, -1)])
-        attempts = [_decode_attempts(a) for a in reversed(results[-1])]
-        letter = DeadLetter(event.event_id, sub, reason, time.time(), attempts, event)
-        commands: list[tuple[Any, ...]] = [
-            ("HSET", self._k.dlq, Keys.dlq_field(event.event_id, sub), _encode(letter))]
-        if lease is not None:
-            commands.append(("ZREM", self._k.schedule, lease))
-        await self._run(commands)
+    async def load(self, event_ids: list[str], with_seen: bool = False) -> list[Loaded]:
+        """Each event's record, delivery record and (when asked) batch token, one round trip."""
+        step = 3 if with_seen else 2
+        commands: list[tuple[Any, ...]] = []
+        for event_id in event_ids:
+            commands += [("GET", self._k.event(event_id)),
+                         ("HGETALL", self._k.deliveries(event_id))]
+            if with_seen:
+                commands.append(("GET", self._k.seen(event_id)))
+        results = await self.run(commands)
+        loaded = []
+        for i in range(0, len(results), step):
+            raw, record = results[i], results[i + 1]
+            seen = results[i + 2].decode() if with_seen and results[i + 2] else None
+            done = frozenset(sub.decode() for sub, state in record.items()
+                             if state[:1] == b"d")
+            try:
+                event = _decode_event(raw) if raw else None
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                loaded.append(Loaded(None, done, seen, f"unreadable record: {exc}"))
+                continue
+            loaded.append(Loaded(event, done, seen))
+        return loaded
 
-    def _log(self, event_id: str, sub: str, record: Attempt) -> list[tuple[Any, ...]]:
-        key = self._k.log(event_id, sub)
-        return [("LPUSH", key, _encode(record)), ("LTRIM", key, 0, LOG_LENGTH - 1),
-                ("EXPIRE", key, self._retention)]
+    async def lease(self, leases: dict[bytes, int], held: dict[str, dict[bytes, int]],
+                    pending: dict[str, dict[str, int]], taken: bytes | None) -> None:
+        """Before attempts start: add the next-attempt messages (``{message: due_ms}``, leases
+        and parked attempts), hold what may not be posted now (``{sub: {message: ms}}``), note
+        what each subscriber has pending (``{sub: {event_id: ms}}``), then drop ``taken`` (the
+        message of the task doing this) from ``unclaimed``. Ordered so any prefix is harmless:
+        the task's message stays noted (and is redelivered) until everything else is written."""
+        commands: list[tuple[Any, ...]] = []
+        if leases:
+            commands.append(("ZADD", self._k.schedule, *_scored(leases)))
+        for sub, members in held.items():
+            commands.append(("ZADD", self._k.held(sub), *_scored(members)))
+        for sub, events in pending.items():
+            commands.append(("ZADD", self._k.pending(sub), "NX",
+                             *[x for event_id, ms in events.items() for x in (ms, event_id)]))
+        if taken is not None:
+            commands.append(("ZREM", self._k.unclaimed, taken))
+        if commands:
+            await self.run(commands)
+
+    async def renew(self, leases: dict[bytes, int]) -> None:
+        """Re-score held leases (``{message: due_ms}``); one already removed (its attempt
+        ended) or moved to the queue stays so (``XX``)."""
+        await self.run([("ZADD", self._k.schedule, "XX", *_scored(leases))])
+
+    async def hold(self, sub: str, lease: bytes, member: bytes) -> None:
+        await self.script(HOLD, (self._k.schedule, self._k.held(sub)), (lease, member, now_ms()))
+
+    async def succeeded(self, event_id: str, sub: Subscriber, lease: bytes,
+                        record: Attempt) -> list[str]:
+        return await self._outcome("ok", event_id, sub, lease, record)
+
+    async def retry_at(self, event_id: str, sub: Subscriber, lease: bytes, record: Attempt,
+                       next_member: bytes, due_ms: int) -> list[str]:
+        return await self._outcome("retry", event_id, sub, lease, record,
+                                   next_member=next_member, due_ms=due_ms)
+
+    async def dead_letter(self, event_id: str, sub: Subscriber | str, reason: str,
+                          event: StoredEvent | None, lease: bytes | None = None,
+                          record: Attempt | None = None) -> list[str]:
+        name = sub if isinstance(sub, str) else sub.name
+        letter = DeadLetter(event_id, name, reason, time.time(), event)
+        return await self._outcome("dead", event_id, sub, lease, record, letter=_encode(letter))
+
+    async def _outcome(self, mode: str, event_id: str, sub: Subscriber | str,
+                       lease: bytes | None, record: Attempt | None, *,
+                       next_member: bytes = b"", due_ms: int = 0, letter: bytes = b"",
+                       ) -> list[str]:
+        k = self._k
+        name = sub if isinstance(sub, str) else sub.name
+        now = now_ms()
+        if isinstance(sub, str):  # no longer configured: no health settings to apply
+            breaker, cool, max_cool, disable_after = 0, 0, 0, 0
+        else:
+            cb = sub.circuit_breaker
+            breaker, cool, max_cool = cb.failures, int(cb.cool_down * 1000), \
+                int(cb.max_cool_down * 1000)
+            disable_after = int(sub.disable_after * 1000)
+        keys = (k.deliveries(event_id), k.log(event_id, name), k.schedule,
+                k.stats(now // 60_000), k.totals, k.pending(name), k.health(name), k.breakers,
+                k.held(name), k.event(event_id), k.letter(name, event_id), k.dead(name),
+                k.dead_subscribers)
+        args = (mode, now, name, event_id, _encode(record) if record else b"", lease or b"",
+                self._retention, LOG_LENGTH, min(STATS_TTL, self._retention),
+                latency_bucket(record.latency_ms) if record else "",
+                record.latency_ms if record else 0,
+                breaker, cool, max_cool, disable_after, int(bool(record and record.probe)),
+                record.describe() if record else "", next_member, due_ms, letter)
+        transitions = await self.script(OUTCOME, keys, args)
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in transitions or []]

@@ -28,6 +28,11 @@ from relay.keys import Keys
 log = logging.getLogger("relay.scheduler")
 
 MOVE_DUE = """
+-- KEYS: 1 schedule, 2 queue, 3 unclaimed, 4 kombu unacked, 5 breakers, 6 stats of this minute,
+--       7 the time the queue last became non-empty
+-- ARGV: 1 now ms, 2 batch, 3 redeliver-at ms, 4 searchable queue length, 5 key prefix,
+--       6 redeliver after ms, 7 probe retry ms, 8 stats ttl s
+local now = tonumber(ARGV[1])
 local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
   redis.call('ZREM', KEYS[1], member)
@@ -54,11 +59,44 @@ for _, member in ipairs(overdue) do
     end
   end
 end
-return {#due, lost}
+-- Circuit breakers whose cool-down is over: release one held attempt as the probe (the gate
+-- lets exactly one through); look again later in case it never reports back.
+local probes = 0
+for _, sub in ipairs(redis.call('ZRANGE', KEYS[5], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, 20)) do
+  local held = redis.call('ZPOPMIN', ARGV[5] .. 'held:' .. sub)
+  if held[1] then
+    redis.call('LPUSH', KEYS[2], held[1])
+    redis.call('ZADD', KEYS[3], ARGV[3], held[1])
+    redis.call('ZADD', KEYS[5], now + tonumber(ARGV[7]), sub)
+    probes = probes + 1
+  else
+    redis.call('ZREM', KEYS[5], sub)  -- nothing held: the next attempt due will probe
+  end
+end
+-- The age of the oldest work no worker has taken: how long the queue has not been empty
+-- (an upper bound of its oldest message's age), or an overdue member of the schedule. Kept
+-- per minute for the console's chart and the backlog metric.
+local age = 0
+if redis.call('LLEN', KEYS[2]) > 0 then
+  redis.call('SET', KEYS[7], now, 'NX')
+  age = now - tonumber(redis.call('GET', KEYS[7]))
+else
+  redis.call('DEL', KEYS[7])
+end
+local late = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if late[2] and tonumber(late[2]) < now then age = math.max(age, now - tonumber(late[2])) end
+if age > tonumber(redis.call('HGET', KEYS[6], 'backlog') or 0) then
+  redis.call('HSET', KEYS[6], 'backlog', age)
+  redis.call('EXPIRE', KEYS[6], ARGV[8])
+end
+return {#due, lost, probes}
 """
 #: Longest queue searched for overdue notes (LPOS is O(length)); behind a longer backlog, a
 #: message lost in kombu's window is queued again once the backlog has drained to this.
 SEARCHABLE_QUEUE = 2000
+#: A released probe that has not reported back (its breaker still open) after this long is
+#: followed by another.
+PROBE_RETRY_MS = 30_000
 #: kombu's hash of messages delivered to a worker and not yet acknowledged (its default name).
 KOMBU_UNACKED = "unacked"
 
@@ -67,11 +105,13 @@ class Scheduler:
     """Polls the schedule every ``interval`` seconds (at once again while it finds a full batch)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, interval: float = 0.2,
-                 batch: int = 500, redeliver_after: float = 60.0) -> None:
+                 batch: int = 500, redeliver_after: float = 60.0,
+                 stats_ttl: float = 8 * 86400) -> None:
         self._client = client
         self._redeliver_ms = int(redeliver_after * 1000)
         self._keys = keys
         self._interval = interval
+        self._stats_ttl = int(stats_ttl)
         self._batch = batch
         self._move = client.register_script(MOVE_DUE)
         self._stop = threading.Event()
@@ -85,12 +125,16 @@ class Scheduler:
         a worker that died before kombu recorded it: it is queued again and counted too.
         """
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        due, lost = self._move(keys=[self._keys.schedule, self._keys.queue, self._keys.unclaimed,
-                                     KOMBU_UNACKED],
-                               args=[now, self._batch, now + self._redeliver_ms,
-                                     SEARCHABLE_QUEUE])
+        k = self._keys
+        due, lost, probes = self._move(
+            keys=[k.schedule, k.queue, k.unclaimed, KOMBU_UNACKED, k.breakers,
+                  k.stats(now // 60_000), k.backlog_since],
+            args=[now, self._batch, now + self._redeliver_ms, SEARCHABLE_QUEUE, k.prefix,
+                  self._redeliver_ms, PROBE_RETRY_MS, self._stats_ttl])
         if lost:
             log.warning("queued again: messages no worker took", extra={"count": int(lost)})
+        if probes:
+            log.info("circuit breaker probes released", extra={"count": int(probes)})
         return int(due) + int(lost)
 
     def run(self) -> None:

@@ -13,18 +13,21 @@ import asyncio
 import logging
 import time
 
-import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay.config import Config
+from relay.connections import async_client
 from relay.errors import EnvelopeError, SignatureError
 from relay.gcfreeze import freeze_startup_objects
+from relay.ingress.ready import ReadinessProbe
 from relay.ingress.store import EventStore, StoreUnavailable
 from relay.keys import Keys
 from relay.metrics import IngressMetrics
 from relay.models import StoredEvent, parse_envelope, peek_event_id
+from relay.reload import Reloader
+from relay.serve import json_answer, json_errors, serve
 from relay.signatures import INGRAM_HEADER, IngramSigner
 
 log = logging.getLogger("relay.ingress")
@@ -39,35 +42,43 @@ RETRY_AFTER_SECONDS = "5"
 #: discards what keeps coming for this long before closing, so the client can read the answer.
 #: aiohttp's default, 10 s, let a slow-drip sender hold a connection 10 s past read_timeout.
 LINGERING_SECONDS = 2.0
+#: Connections the ingress opens to Redis at most (the store's round trips are group
+#: committed, so a few carry any load; the readiness probe has two of its own).
+REDIS_CONNECTIONS = 64
 
-CONFIG: web.AppKey[Config] = web.AppKey("config", Config)
 STORE: web.AppKey[EventStore] = web.AppKey("store", EventStore)
 METRICS: web.AppKey[IngressMetrics] = web.AppKey("metrics", IngressMetrics)
-SIGNER: web.AppKey[IngramSigner] = web.AppKey("signer", IngramSigner)
-
-_encode = msgspec.json.encode
+PROBE: web.AppKey[ReadinessProbe] = web.AppKey("probe", ReadinessProbe)
 
 
 def _answer(status: int, payload: dict[str, str], headers: dict[str, str] | None = None
             ) -> web.Response:
-    return web.Response(status=status, body=_encode(payload), headers=headers,
-                        content_type="application/json")
+    return json_answer(status, payload, headers)
 
 
 def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
+class _TooLarge(Exception):
+    pass
+
+
 class WebhookHandler:
     """Handles every webhook route; ``targeturl`` is never read: callers don't pick targets."""
 
-    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics,
-                 signer: IngramSigner) -> None:
-        self._limit = config.ingress.max_body_bytes
-        self._read_timeout = config.ingress.read_timeout
+    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics) -> None:
         self._store = store
         self._metrics = metrics
-        self._signer = signer
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """Take the settings a reload may change (secrets, limits, dedupe, retention)."""
+        self._limit = config.ingress.max_body_bytes
+        self._read_timeout = config.ingress.read_timeout
+        self._signer = IngramSigner(config.ingress.secrets)
+        self._store.configure(config.ingress.dedupe_window, config.redis.retention)
+        self._store.set_linger(config.ingress.linger)
 
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -80,15 +91,25 @@ class WebhookHandler:
                 headers: dict[str, str] | None = None, event_id: str | None = None
                 ) -> web.Response:
         self._metrics.rejected.labels(reason).inc()
-        log.info("rejected", extra={"status": status, "reason": reason, "error": error,
+        log.info("rejected", extra={"status": status, "reason": reason, "error": error[:500],
                                     "eventId": event_id})
         return _answer(status, {"error": error}, headers)
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, refused past the *current* limit (a reload may change it) without ever
+        buffering more than the limit plus one chunk."""
+        body = bytearray()
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > self._limit:
+                raise _TooLarge
+        return bytes(body)
 
     async def _handle(self, request: web.Request) -> web.Response:
         if not _is_json(request.content_type):
             return self._reject(415, "media_type",
                                 f"Content-Type must be application/json, got "
-                                f"{request.content_type or 'none'!r}")
+                                f"{request.content_type[:100] or 'none'!r}")
         if request.content_length is not None and request.content_length > self._limit:
             return self._reject(413, "too_large", f"body is {request.content_length} bytes; "
                                 f"the limit is {self._limit}")
@@ -97,11 +118,11 @@ class WebhookHandler:
             return self._reject(401, "signature", f"missing {INGRAM_HEADER} header")
         try:
             if request.content.is_eof():
-                body = await request.read()  # all here already: no timer to arm (~7 us)
+                body = await self._read(request)  # all here already: no timer to arm (~7 us)
             else:
                 async with asyncio.timeout(self._read_timeout):
-                    body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
+                    body = await self._read(request)
+        except _TooLarge:
             return self._reject(413, "too_large", f"body exceeds the limit of {self._limit} bytes")
         except TimeoutError:
             return self._reject(408, "slow_body", f"body not received within "
@@ -112,26 +133,27 @@ class WebhookHandler:
             return self._reject(400, "bad_body", f"body could not be decoded "
                                 f"(Content-Encoding: {encoding[:40]!r})")
 
+        signer = self._signer
         try:
             envelope = parse_envelope(body)
         except EnvelopeError as exc:
             event_id = peek_event_id(body)
             if event_id is not None:
                 try:
-                    self._signer.verify(event_id, signature)
+                    signer.verify(event_id, signature)
                 except SignatureError as sig_exc:
                     return self._reject(401, "signature", str(sig_exc), event_id=event_id)
             return self._reject(400, "invalid", str(exc), event_id=event_id)
 
         event_id = envelope.eventId
         try:
-            self._signer.verify(event_id, signature)
+            signer.verify(event_id, signature)
         except SignatureError as exc:
             return self._reject(401, "signature", str(exc), event_id=event_id)
 
         record = StoredEvent(event_id=event_id, topic=envelope.topic,
                              event_types=envelope.event_types(), received_at=time.time(),
-                             body=body)
+                             body=body, order_numbers=envelope.order_numbers())
         try:
             is_new = await self._store.accept(record)
         except StoreUnavailable:
@@ -149,14 +171,18 @@ class WebhookHandler:
         return _answer(202, {"eventId": event_id, "status": "accepted"})
 
 
+HANDLER: web.AppKey[WebhookHandler] = web.AppKey("handler", WebhookHandler)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _answer(200, {"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[STORE].ping():
+    ready, why = await request.app[PROBE].check()
+    if ready:
         return _answer(200, {"status": "ready"})
-    return _answer(503, {"status": "unavailable", "error": "redis is not reachable"},
+    return _answer(503, {"status": "unavailable", "error": why},
                    {"Retry-After": RETRY_AFTER_SECONDS})
 
 
@@ -165,34 +191,35 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def redis_client(url: str) -> aioredis.Redis:
+def redis_client(config: Config, max_connections: int = REDIS_CONNECTIONS) -> aioredis.Redis:
     """A client that fails fast, so a dead Redis becomes a prompt 503, not a hung request."""
     # No socket_timeout: the store bounds each round trip itself (relay/batching.py).
-    return aioredis.Redis.from_url(url, socket_connect_timeout=2,
-                                   health_check_interval=10, max_connections=64)
+    return async_client(config.redis, socket_connect_timeout=2, health_check_interval=10,
+                        max_connections=max_connections)
 
 
 def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Application:
-    """The ingress app. ``client`` defaults to one built from ``config.redis.url``."""
-    app = web.Application(client_max_size=config.ingress.max_body_bytes)
-    redis = client if client is not None else redis_client(config.redis.url)
-    keys = Keys(queue=config.worker.queue)
+    """The ingress app. ``client`` defaults to one built from ``config.redis``."""
+    app = web.Application(middlewares=[json_errors])
+    redis = client if client is not None else redis_client(config)
+    keys = Keys.of(config)
     store = EventStore(redis, keys, config.ingress.dedupe_window, config.redis.retention,
                        redeliver_after=config.worker.visibility_timeout,
-                       linger=config.ingress.linger)
-    app[CONFIG] = config
+                       linger=config.ingress.linger, min_replicas=config.redis.min_replicas,
+                       replica_timeout=config.redis.min_replicas_timeout)
     app[STORE] = store
     app[METRICS] = IngressMetrics()
-    app[SIGNER] = IngramSigner(config.ingress.secrets)
-    handler = WebhookHandler(config, store, app[METRICS], app[SIGNER])
+    app[PROBE] = ReadinessProbe(redis_client(config, max_connections=2), keys.ready_probe)
+    app[HANDLER] = WebhookHandler(config, store, app[METRICS])
     for path in WEBHOOK_ROUTES:
-        app.router.add_post(path, handler.__call__)  # a coroutine function, as aiohttp expects
+        app.router.add_post(path, app[HANDLER].__call__)  # a coroutine function, as aiohttp expects
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
 
     async def close_redis(app: web.Application) -> None:
         await redis.aclose()
+        await app[PROBE].close()
 
     async def freeze(app: web.Application) -> None:
         freeze_startup_objects()  # relay/gcfreeze.py: why
@@ -203,11 +230,13 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
 
 
 def run_ingress(config: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; then stop accepting and finish what is in flight."""
+    """Serve until SIGINT/SIGTERM (then stop accepting and finish what is in flight);
+    SIGHUP re-reads the config."""
     bind_host = host or config.ingress.host
     bind_port = port or config.ingress.port
+    app = create_app(config)
+    reloader = Reloader(config, app[HANDLER].apply, "ingress")
     log.info("ingress listening", extra={"host": bind_host, "port": bind_port,
                                          "subscribers": [s.name for s in config.subscribers]})
-    web.run_app(create_app(config), host=bind_host, port=bind_port, access_log=None,
-                print=None, shutdown_timeout=15, handle_signals=True,
-                lingering_time=LINGERING_SECONDS)
+    asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload,
+                      lingering_time=LINGERING_SECONDS))

@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from relay.batching import Batcher, GroupCommit, Script
+from relay.counters import STATS_TTL
 from relay.keys import Keys
 from relay.models import StoredEvent
 from relay.queue import deliver_message
@@ -39,22 +40,43 @@ MAX_BATCH = 100
 #: message widely, and at saturation waiting for more would only cost throughput.
 ENOUGH = 32
 
-# KEYS: queue, unclaimed. ARGV: key prefix, dedupe s, retention s, batch token, message,
-# redeliver-at ms, then (event id, record) pairs. Returns 1 (stored) or 0 (duplicate) per event.
+# KEYS: queue, unclaimed, events index, this minute's stats, totals.
+# ARGV: key prefix, dedupe s, retention s, batch token, message, redeliver-at ms, received ms,
+# stats ttl s, then per event: id, record, count of order numbers, the order numbers.
+# Returns 1 (stored) or 0 (duplicate) per event.
+#
+# An event is a duplicate while the hub still holds anything of it: its dedupe marker, its
+# record or its delivery record. Past the dedupe window alone, a resend would otherwise be
+# answered 202 while the delivery record silently suppressed every delivery.
 STORE_SCRIPT = Script("""
-local stored, any = {}, false
-for i = 7, #ARGV, 2 do
-  if redis.call('SET', ARGV[1] .. 'seen:' .. ARGV[i], ARGV[4], 'NX', 'EX', ARGV[2]) then
-    redis.call('SET', ARGV[1] .. 'event:' .. ARGV[i], ARGV[i + 1], 'EX', ARGV[3])
+local p, stored, new = ARGV[1], {}, 0
+local i = 9
+while i <= #ARGV do
+  local id, record, orders = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
+  if redis.call('EXISTS', p .. 'seen:' .. id, p .. 'event:' .. id, p .. 'deliveries:' .. id) == 0
+  then
+    redis.call('SET', p .. 'seen:' .. id, ARGV[4], 'EX', ARGV[2])
+    redis.call('SET', p .. 'event:' .. id, record, 'EX', ARGV[3])
+    redis.call('ZADD', KEYS[3], ARGV[7], id)
+    for j = 1, orders do
+      local order = p .. 'order:' .. ARGV[i + 2 + j]
+      redis.call('ZADD', order, ARGV[7], id)
+      redis.call('EXPIRE', order, ARGV[3])
+    end
     stored[#stored + 1] = 1
-    any = true
+    new = new + 1
   else
     stored[#stored + 1] = 0
   end
+  i = i + 3 + orders
 end
-if any then
+if new > 0 then
   redis.call('LPUSH', KEYS[1], ARGV[5])
   redis.call('ZADD', KEYS[2], ARGV[6], ARGV[5])
+  redis.call('HINCRBY', KEYS[4], 'accepted', new)
+  redis.call('EXPIRE', KEYS[4], ARGV[8])
+  redis.call('HINCRBY', KEYS[5], 'accepted', new)
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[3]) * 1000)
 end
 return stored
 """)
@@ -66,18 +88,34 @@ class StoreUnavailable(Exception):
     """Redis could not be reached or did not confirm the write; nothing may be promised."""
 
 
+class NotReplicated(RedisError):
+    """Fewer replicas than ``redis.min_replicas`` acknowledged the write in time."""
+
+
 class EventStore(Batcher[StoredEvent, bool]):
     def __init__(self, client: aioredis.Redis, keys: Keys, dedupe_seconds: float,
                  retention_seconds: float, redeliver_after: float = 60.0,
-                 linger: float = 0.0) -> None:
+                 linger: float = 0.0, min_replicas: int = 0,
+                 replica_timeout: float = 1.0) -> None:
         super().__init__(max_batch=MAX_BATCH, linger=linger, enough=ENOUGH)
         self._client = client
         #: A fan-out message no worker has taken within this long is queued again.
         self._redeliver_ms = int(redeliver_after * 1000)
         self._keys = keys
+        self.configure(dedupe_seconds, retention_seconds)
+        # WAIT in the same round trip as the script: the answer waits for the replicas, and
+        # a write that did not reach enough of them is a 503 (the sender's retry is then a
+        # duplicate if the write survives, or stored anew if a failover lost it).
+        self._wait: tuple[tuple[object, ...], ...] = (
+            (("WAIT", min_replicas, max(1, int(replica_timeout * 1000))),)
+            if min_replicas > 0 else ())
+        self._min_replicas = min_replicas
+        self._commit = GroupCommit(client, timeout=WRITE_TIMEOUT + replica_timeout)
+
+    def configure(self, dedupe_seconds: float, retention_seconds: float) -> None:
+        """Settings a reload may change (relay/reload.py)."""
         self._dedupe = max(1, int(dedupe_seconds))
         self._retention = max(self._dedupe, int(retention_seconds))
-        self._commit = GroupCommit(client, timeout=WRITE_TIMEOUT)
 
     async def accept(self, event: StoredEvent) -> bool:
         """Store ``event`` and queue its fan-out. True if new, False if a duplicate.
@@ -96,11 +134,22 @@ class EventStore(Batcher[StoredEvent, bool]):
         ids = [e.event_id for e in events]
         token = os.urandom(8).hex()
         message = deliver_message(k.queue, ids[0] if len(ids) == 1 else ids, None, 1, token)
+        received_ms = int(events[0].received_at * 1000)
         args: list[object] = [k.prefix, self._dedupe, self._retention, token, message,
-                              int(events[0].received_at * 1000) + self._redeliver_ms]
+                              received_ms + self._redeliver_ms, received_ms,
+                              min(STATS_TTL, self._retention)]
         for event in events:
-            args += [event.event_id, _encode_record(event)]
-        result = await self._commit.script(STORE_SCRIPT, (k.queue, k.unclaimed), args)
+            args += [event.event_id, _encode_record(event), len(event.order_numbers),
+                     *event.order_numbers]
+        keys = (k.queue, k.unclaimed, k.events, k.stats(received_ms // 60_000), k.totals)
+        result = await self._commit.script(STORE_SCRIPT, keys, args, then=self._wait)
+        if self._wait:
+            result, (acked,) = result
+            if isinstance(acked, Exception):
+                raise acked
+            if not isinstance(result, Exception) and int(acked) < self._min_replicas:
+                raise NotReplicated(f"{acked} of {self._min_replicas} replicas acknowledged "
+                                    f"the write in time")
         if isinstance(result, Exception):
             raise result
         return [bool(r) for r in result]

@@ -1,4 +1,5 @@
-"""Which subscribers an event goes to: ``topics`` and ``event_types`` filters.
+"""Which subscribers an event goes to (used by the workers to fan out, and by the admin to
+show an event's deliveries): ``topics`` and ``event_types`` filters.
 
 Both filters are optional; when given, each must match (all given must match). Matching is
 case-insensitive with ``*`` as a wildcard; an event matches ``event_types`` when any of its

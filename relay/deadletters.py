@@ -1,0 +1,187 @@
+"""Dead letters: list them, replay them with fresh attempts, purge them.
+
+Used by the CLI (``relay dlq ...``) and the admin API alike, reading what the workers wrote
+(relay/keys.py): ``letter:{sub}:{id}`` (reason, time, a copy of the event) indexed by
+``dead:{sub}``, with the attempt history in ``log:{id}:{sub}``. All three expire with
+``redis.retention``; an index entry whose letter has expired is dropped when seen.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+
+from relay.batching import Script
+from relay.config import Config
+from relay.keys import Keys
+from relay.models import Attempt, DeadLetter
+from relay.queue import deliver_message
+
+_decode_letter = msgspec.msgpack.Decoder(DeadLetter).decode
+_decode_attempt = msgspec.msgpack.Decoder(Attempt).decode
+_encode = msgspec.msgpack.Encoder().encode
+
+# KEYS: letter, dead index, event, deliveries, queue, unclaimed, pending.
+# ARGV: event id, subscriber, event record copy ('' if none), retention s, message,
+# redeliver-at ms, now ms. Returns 1 replayed, 0 letter gone, -1 no event body to deliver.
+# One atomic step: the letter disappears exactly when its event record is restored and a
+# fresh first attempt is queued (and noted in unclaimed, like every queued message), so a
+# crash can neither lose nor double it. The attempt log stays: the history of what failed.
+REPLAY = Script("""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4], 'NX')
+elseif redis.call('EXISTS', KEYS[3]) == 0 then
+  return -1
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[2])
+redis.call('LPUSH', KEYS[5], ARGV[5])
+redis.call('ZADD', KEYS[6], ARGV[6], ARGV[5])
+redis.call('ZADD', KEYS[7], 'NX', ARGV[7], ARGV[1])
+return 1
+""")
+
+PURGE = Script("""
+redis.call('ZREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[1])
+""")
+
+
+class UnknownSubscriber(ValueError):
+    """A subscriber named in a filter is not in the config."""
+
+
+class Filters(msgspec.Struct, frozen=True):
+    subscriber: str | None = None
+    event: str | None = None
+    since: float | None = None     # unix seconds
+    until: float | None = None
+
+
+class Letter(msgspec.Struct, frozen=True):
+    """A dead letter as listed: the letter, its attempt history, whether its subscriber is
+    still configured."""
+
+    letter: DeadLetter
+    attempts: list[Attempt]
+    configured: bool
+
+    @property
+    def last_error(self) -> str:
+        return self.attempts[-1].describe() if self.attempts else self.letter.reason
+
+
+class DeadLetters:
+    def __init__(self, client: aioredis.Redis, config: Config) -> None:
+        self._r = client
+        self._config = config
+        self._k = Keys.of(config)
+
+    def check(self, filters: Filters) -> None:
+        """Refuse a subscriber filter naming no configured subscriber (nothing changes)."""
+        if filters.subscriber and self._config.subscriber(filters.subscriber) is None:
+            raise UnknownSubscriber(f"subscriber {filters.subscriber!r} is not configured")
+
+    async def subscribers(self) -> list[str]:
+        """Every subscriber with dead letters (configured or not)."""
+        names = {n.decode() for n in await self._r.smembers(self._k.dead_subscribers)}
+        return sorted(names)
+
+    async def _index(self, filters: Filters) -> list[tuple[float, str, str]]:
+        """(dead at, subscriber, event id) of the letters matching ``filters``, newest first."""
+        now = time.time()
+        names = [filters.subscriber] if filters.subscriber else await self.subscribers()
+        low = "-inf" if filters.since is None else filters.since * 1000
+        high = "+inf" if filters.until is None else filters.until * 1000
+        found: list[tuple[float, str, str]] = []
+        async with self._r.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.zremrangebyscore(self._k.dead(name), "-inf",
+                                      (now - self._config.redis.retention) * 1000)
+                pipe.zrangebyscore(self._k.dead(name), low, high, withscores=True)
+            results = await pipe.execute()
+        for name, entries in zip(names, results[1::2], strict=True):
+            for member, score in entries:
+                event_id = member.decode()
+                if filters.event is None or event_id == filters.event:
+                    found.append((score / 1000, name, event_id))
+        found.sort(reverse=True)
+        return found
+
+    async def count(self, filters: Filters) -> int:
+        return len(await self._index(filters))
+
+    async def counts(self) -> dict[str, int]:
+        """Dead letters held now, per subscriber."""
+        return {name: len(await self._index(Filters(subscriber=name)))
+                for name in await self.subscribers()}
+
+    async def list(self, filters: Filters, limit: int = 100, offset: int = 0) -> list[Letter]:
+        index = (await self._index(filters))[offset:offset + limit]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for _, name, event_id in index:
+                pipe.get(self._k.letter(name, event_id))
+                pipe.lrange(self._k.log(event_id, name), 0, -1)
+            results = await pipe.execute()
+        letters = []
+        for (_, name, event_id), raw, log in zip(index, results[0::2], results[1::2],
+                                                 strict=True):
+            if raw is None:  # expired meanwhile
+                await self._r.zrem(self._k.dead(name), event_id)
+                continue
+            letters.append(Letter(_decode_letter(raw),
+                                  [_decode_attempt(a) for a in reversed(log)],
+                                  self._config.subscriber(name) is not None))
+        return letters
+
+    async def replay(self, filters: Filters, dry_run: bool = False,
+                     limit: int | None = None) -> dict[str, int]:
+        """Queue matching dead letters again as fresh first attempts.
+
+        Only letters of subscribers still configured are replayed (the others would only be
+        dead-lettered again as "subscriber removed"); they are counted as ``skipped``.
+        """
+        self.check(filters)
+        index = await self._index(filters)
+        replayable = [e for e in index if self._config.subscriber(e[1]) is not None]
+        result = {"matched": len(index), "replayed": 0, "skipped": len(index) - len(replayable),
+                  "remaining": len(replayable)}
+        if dry_run:
+            return result
+        chosen = replayable if limit is None else replayable[:limit]
+        for _, name, event_id in chosen:
+            done = await self._replay_one(name, event_id)
+            result["replayed"] += int(done == 1)
+        result["remaining"] = len(replayable) - len(chosen)
+        return result
+
+    async def _replay_one(self, name: str, event_id: str) -> int:
+        k, config = self._k, self._config
+        raw = await self._r.get(k.letter(name, event_id))
+        if raw is None:
+            return 0
+        letter = _decode_letter(raw)
+        message = deliver_message(k.queue, event_id, [name], 1)
+        now = time.time()
+        keys = [k.letter(name, event_id), k.dead(name), k.event(event_id),
+                k.deliveries(event_id), k.queue, k.unclaimed, k.pending(name)]
+        args: list[Any] = [event_id, name, _encode(letter.event) if letter.event else b"",
+                           max(1, int(config.redis.retention)), message,
+                           int((now + config.worker.visibility_timeout) * 1000), int(now * 1000)]
+        return int(await self._r.eval(REPLAY.text, len(keys), *keys, *args))
+
+    async def purge(self, filters: Filters, dry_run: bool = False) -> dict[str, int]:
+        """Delete matching dead letters (a subscriber filter may name a removed one)."""
+        index = await self._index(filters)
+        result = {"matched": len(index), "deleted": 0}
+        if dry_run:
+            return result
+        for _, name, event_id in index:
+            keys = [self._k.letter(name, event_id), self._k.dead(name)]
+            result["deleted"] += int(await self._r.eval(PURGE.text, 2, *keys, event_id))
+        return result

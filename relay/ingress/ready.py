@@ -1,0 +1,52 @@
+"""``GET /readyz``: can this ingress store an event right now?
+
+Ready means "a write succeeds", not "Redis answers PING": after a failover the old primary
+comes back as a read-only replica that still answers PING, and every event would get 503.
+The probe writes a small key; it has its own two-connection client, so a flood of probes
+while Redis is slow cannot take connections from real webhooks, and one answer is shared
+for a second by every caller (one write a second at most, whatever the probe rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import ReadOnlyError, RedisError
+
+PROBE_TIMEOUT = 2.0
+#: How long one answer is reused.
+CACHE_SECONDS = 1.0
+
+
+class ReadinessProbe:
+    def __init__(self, client: aioredis.Redis, key: str) -> None:
+        self._client = client
+        self._key = key
+        self._lock = asyncio.Lock()
+        self._answer: tuple[bool, str] = (False, "not checked yet")
+        self._at = float("-inf")
+
+    async def check(self) -> tuple[bool, str]:
+        """``(ready, why not)``."""
+        if time.monotonic() - self._at < CACHE_SECONDS:
+            return self._answer
+        async with self._lock:  # one probe in flight; the others wait for its answer
+            if time.monotonic() - self._at >= CACHE_SECONDS:
+                self._answer = await self._probe()
+                self._at = time.monotonic()
+        return self._answer
+
+    async def _probe(self) -> tuple[bool, str]:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await self._client.set(self._key, str(time.time()), ex=60)
+            return True, ""
+        except ReadOnlyError:
+            return False, "redis is a read-only replica (a failover in progress?)"
+        except (RedisError, OSError):
+            return False, "redis is not reachable"
+
+    async def close(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,100 @@
+"""Plain-text tables for the CLI (``relay dlq list``, ``events``, ``status``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from relay.deadletters import Letter
+
+
+def table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _when(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def dead_letter_table(letters: Sequence[Letter]) -> str:
+    if not letters:
+        return "no dead letters"
+    rows = [("EVENT", "SUBSCRIBER", "ATTEMPTS", "LAST ERROR", "DEAD AT (UTC)", "REASON")]
+    for d in letters:
+        name = d.letter.subscriber + ("" if d.configured else " (removed)")
+        rows.append((d.letter.event_id, name, str(len(d.attempts)), d.last_error,
+                     _when(d.letter.dead_at), d.letter.reason))
+    return table(rows)
+
+
+def _short(iso: str | None) -> str:
+    return (iso or "-").replace("T", " ").replace("Z", "")
+
+
+def timeline(event: dict[str, Any]) -> str:
+    lines = [f"event {event['eventId']}",
+             f"  received  {_short(event['receivedAt'])} UTC" if event["receivedAt"]
+             else "  received  (record expired)",
+             f"  topic     {event['topic'] or '-'}",
+             f"  types     {', '.join(event['eventTypes']) or '-'}",
+             f"  orders    {', '.join(event['orderNumbers']) or '-'}"]
+    if not event["deliveries"]:
+        lines.append("  no subscriber matches it")
+    for d in event["deliveries"]:
+        extra = ""
+        if d["nextAttemptAt"]:
+            extra = f", next attempt {_short(d['nextAttemptAt'])}"
+        if d["deadReason"]:
+            extra = f": {d['deadReason']}"
+        removed = "" if d["configured"] else " (no longer configured)"
+        lines.append(f"  -> {d['subscriber']}{removed}: {d['state']}{extra}")
+        for a in d["attempts"]:
+            result = f"HTTP {a['status']}" if a["status"] is not None else (a["error"] or "?")
+            probe = " (probe)" if a.get("probe") else ""
+            lines.append(f"       #{a['attempt']} {_short(a['at'])}  {result:<14} "
+                         f"{a['latencyMs']:>8.1f} ms{probe}")
+    return "\n".join(lines)
+
+
+def event_table(events: Sequence[dict[str, Any]]) -> str:
+    if not events:
+        return "no events"
+    rows = [("EVENT", "RECEIVED (UTC)", "TOPIC", "ORDERS", "DELIVERIES")]
+    for e in events:
+        states = ", ".join(f"{name}={state}" for name, state in e["states"].items()) or "-"
+        rows.append((e["eventId"], _short(e["receivedAt"]), e["topic"] or "-",
+                     ",".join(e["orderNumbers"]) or "-", states))
+    return table(rows)
+
+
+def _num(value: float | None, unit: str = "") -> str:
+    return "-" if value is None else f"{value:g}{unit}"
+
+
+def status_report(overview: dict[str, Any], subscribers: Sequence[dict[str, Any]]) -> str:
+    lines = [f"hub: {overview['status']}" + (f" ({'; '.join(overview['reasons'])})"
+                                             if overview.get("reasons") else "")]
+    if "queueMessages" in overview:
+        lines.append(f"workers seen in the last minute: {len(overview['workers'])}; queue "
+                     f"{overview['queueMessages']}; scheduled {overview['retriesScheduled']}; "
+                     f"backlog {overview['backlogOldestSeconds']:g}s; last hour: accepted "
+                     f"{overview['acceptedLastHour']}, delivered "
+                     f"{overview['deliveredLastHour']}, failed {overview['failedLastHour']}; "
+                     f"dead letters {overview['deadLetters']}")
+    if not subscribers:
+        lines.append("no subscribers configured")
+        return "\n".join(lines)
+    rows = [("SUBSCRIBER", "STATE", "OK 1H", "FAILED 1H", "SUCCESS", "P50", "P99", "PENDING",
+             "OLDEST", "DEAD", "LAST ERROR")]
+    for s in subscribers:
+        rate = "-" if s["successRate"] is None else f"{s['successRate'] * 100:.1f}%"
+        rows.append((s["name"] + ("" if s["configured"] else " (removed)"), s["state"],
+                     str(s["delivered"]), str(s["failed"]), rate,
+                     _num(s["latencyP50Ms"], "ms"), _num(s["latencyP99Ms"], "ms"),
+                     str(s["pending"]), _num(s["oldestPendingSeconds"], "s"),
+                     str(s["deadLetters"]), (s["lastError"] or "-")[:40]))
+    lines.append(table(rows))
+    return "\n".join(lines)

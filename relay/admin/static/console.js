@@ -26,7 +26,8 @@
 (() => {
   const POLL_MS = 5000;          // overview, subscribers, charts
   const MAX_BACKOFF_MS = 30000;  // when the admin API is down, poll less and less often
-  const REQUEST_TIMEOUT_MS = 10000;
+  const GET_TIMEOUT_MS = 10000;   // a poll that hangs longer counts as the API being down
+  const POST_TIMEOUT_MS = 60000;  // a replay batch may take a while on a big dead-letter set
   const TOKEN_KEY = 'relay.adminToken';
   const REPLAY_BATCH = 200;
   const STATE_RANK = { open: 0, 'half-open': 1, disabled: 2, paused: 3, active: 4 };
@@ -121,14 +122,14 @@
   }
 
   /** fetch api/<path> as JSON with the session's token; a 401 asks for a token and retries. */
-  async function api(path, { method = 'GET', body } = {}) {
+  async function api(path, { method = 'GET', body, timeout = method === 'GET' ? GET_TIMEOUT_MS : POST_TIMEOUT_MS } = {}) {
     for (;;) {
       const token = sessionStorage.getItem(TOKEN_KEY);
       const headers = { Accept: 'application/json' };
       if (token) headers.Authorization = 'Bearer ' + token;
       if (body !== undefined) headers['Content-Type'] = 'application/json';
       const ctrl = new AbortController();
-      const timer = setTimeout(() => ctrl.abort(), REQUEST_TIMEOUT_MS);
+      const timer = setTimeout(() => ctrl.abort(), timeout);
       let res;
       try {
         res = await fetch('api/' + path, {
@@ -441,11 +442,12 @@
     } else {
       charts.deliveries.setData(dData);
     }
-    const quiet = !t.length || dData.slice(1).every((s) => s.every((v) => !v));
-    const empty = $('.chart-empty', dEl);
-    empty.replaceChildren('No deliveries in the last hour. Send an event with ', h('code', {}, 'relay send FILE'), '.');
-    empty.hidden = !quiet;
-    $('.chart-empty', bEl).hidden = true;
+    const none = (arr) => !arr || arr.every((v) => !v);
+    const quiet = dData.slice(1).every(none);
+    chartMessage(dEl, !quiet ? null : none(st.accepted)
+      ? ['No events in the last hour. Send one with ', h('code', {}, 'relay send FILE'), '.']
+      : ['Events arrived, but no delivery was attempted in the last hour.']);
+    chartMessage(bEl, null);
 
     if (!charts.backlog) {
       charts.backlog = new uPlot(baseOpts(bEl, 'age', [{
@@ -457,13 +459,17 @@
     }
   }
 
+  /** A line over the chart (faded behind it) for "nothing to show" and "could not load". */
+  function chartMessage(el, parts) {
+    const msg = $('.chart-empty', el);
+    const text = parts ? parts.map((p) => (p instanceof Node ? p.textContent : p)).join('') : '';
+    if (msg.textContent !== text) msg.replaceChildren(...(parts || []));
+    msg.hidden = !parts;
+  }
+
   function statsError(e) {
-    if (charts.deliveries) return;
-    for (const id of ['#chart-deliveries', '#chart-backlog']) {
-      const msg = $('.chart-empty', $(id));
-      msg.textContent = 'No chart data: ' + e.message;
-      msg.hidden = false;
-    }
+    if (charts.deliveries) return;   // keep the last lines; the header says the API failed
+    for (const id of ['#chart-deliveries', '#chart-backlog']) chartMessage($(id), ['No chart data: ' + e.message]);
   }
 
   function initChartResize() {

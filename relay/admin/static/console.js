@@ -196,7 +196,7 @@
 
   // ---- header strip -----------------------------------------------------------------------
 
-  const hub = { failures: 0, lastOk: null, subscribers: [] };
+  const hub = { failures: 0, lastOk: null, subscribers: [], stats: null };
 
   function renderOverview(o) {
     const pill = $('[data-testid="hub-status"]');
@@ -284,6 +284,8 @@
     });
     for (const [name, row] of rows) if (!seen.has(name)) { row.tr.remove(); rows.delete(name); }
     for (const el of [...body.children]) if (!el.dataset.name) el.remove();   // the loading/empty row
+    if (hub.stats) renderSparks(hub.stats);   // new rows get their sparkline without waiting a poll
+    if (!$('#view-dlq').hidden) syncDlqForm(currentRoute().params);   // the filter lists every name
   }
 
   function subscribersError(e) {
@@ -391,9 +393,9 @@
     const y = (v) => (23 - (v / max) * 21).toFixed(1);
     const line = delivered.map((v, i) => (i ? 'L' : 'M') + x(i) + ' ' + y(v)).join('');
     const [area, dline, fails, title] = [svg.children[0], svg.children[1], svg.children[2], svg.children[3]];
-    area.setAttribute('d', n ? line + `L120 24L0 24Z` : '');
-    dline.setAttribute('d', line);
-    fails.setAttribute('d', failed.map((v, i) => (v ? `M${x(i)} 24V${y(v)}` : '')).join(''));
+    setAttr(area, 'd', n ? line + `L120 24L0 24Z` : '');
+    setAttr(dline, 'd', line);
+    setAttr(fails, 'd', failed.map((v, i) => (v ? `M${x(i)} 24V${y(v)}` : '')).join(''));
     const sum = (a) => a.reduce((p, q) => p + q, 0);
     setText(title, `last hour: ${fmtInt(sum(delivered))} delivered, ${fmtInt(sum(failed))} failed`);
   }
@@ -880,16 +882,18 @@
   const poll = (() => {
     let timer = 0;
     let running = false;
+    let again = false;   // asked for while a tick was out: run once more as soon as it ends
     async function tick() {
       clearTimeout(timer);
-      if (running) return;
+      if (running) { again = true; return; }
       running = true;
+      again = false;
       try {
         await refresh();
       } finally {
         running = false;
         // Hidden tabs poll rarely; visibilitychange polls at once when the tab returns.
-        timer = setTimeout(tick, document.hidden ? MAX_BACKOFF_MS : pollDelay());
+        timer = setTimeout(tick, again ? 0 : document.hidden ? MAX_BACKOFF_MS : pollDelay());
       }
     }
     return { now: tick };
@@ -905,7 +909,7 @@
       jobs.push(api('subscribers').then(renderSubscribers, subscribersError));
     }
     if (r.view === 'overview') {
-      jobs.push(api('stats?minutes=60').then((st) => { renderStats(st); renderSparks(st); }, statsError));
+      jobs.push(api('stats?minutes=60').then((st) => { hub.stats = st; renderStats(st); renderSparks(st); }, statsError));
     }
     // An event still in flight is followed live until every lane settles.
     if (r.view === 'event' && ev.live) jobs.push(openEvent(r.value));
@@ -921,10 +925,12 @@
     initDlq();
     initChartResize();
     window.addEventListener('hashchange', route);
+    // The tab of the view already open reloads it (the hash does not change, so no hashchange).
+    $('.tabs').addEventListener('click', (e) => { if (e.target.closest('a') && e.target.closest('a').hash === location.hash) route(); });
     document.addEventListener('visibilitychange', () => { if (!document.hidden) poll.now(); });
     setInterval(tickRelative, 1000);
-    route();
-    poll.now();
+    route();   // polls at once on the overview
+    if (currentRoute().view !== 'overview') poll.now();
   }
 
   start();

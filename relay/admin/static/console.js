@@ -78,6 +78,7 @@
 
   const intFmt = new Intl.NumberFormat();
   const fmtInt = (n) => (n === null || n === undefined ? '—' : intFmt.format(n));
+  const plural = (n, word) => `${fmtInt(n)} ${word}${n === 1 ? '' : 's'}`;
   const fmtPct = (r) => (r === null || r === undefined ? '—' : (r >= 0.9995 ? '100' : (r * 100).toFixed(1)) + ' %');
   function fmtMs(ms) {
     if (ms === null || ms === undefined) return '—';
@@ -309,7 +310,8 @@
     setAttr(badge, 'title', breakerTitle(s));
 
     setText(c.success, fmtPct(s.successRate));
-    setAttr(c.success, 'class', 'num' + (s.successRate === null ? ' zero' : s.successRate < 0.9 ? ' bad' : s.successRate < 0.99 ? ' warn' : ''));
+    const rate = s.successRate;
+    setAttr(c.success, 'class', 'num' + (rate === null ? ' zero' : rate < 0.9 ? ' bad' : rate < 0.99 ? ' warn' : ''));
     setText(c.p50, fmtMs(s.latencyP50Ms));
     setText(c.p99, fmtMs(s.latencyP99Ms));
     setText(c.pending, fmtInt(s.pending));
@@ -371,19 +373,13 @@
 
   // ---- sparklines (inline SVG: sixty points per row do not need a chart each) -------------
 
-  const SVG = 'http://www.w3.org/2000/svg';
+  // A fixed template (no API data in it): area under the line, the line, failure ticks, tooltip.
+  const SPARK = '<svg class="spark" viewBox="0 0 120 24" preserveAspectRatio="none">'
+    + '<path class="a"/><path class="d"/><path class="f"/><title></title></svg>';
   function makeSpark() {
-    const svg = document.createElementNS(SVG, 'svg');
-    svg.setAttribute('class', 'spark');
-    svg.setAttribute('viewBox', '0 0 120 24');
-    svg.setAttribute('preserveAspectRatio', 'none');
-    for (const cls of ['a', 'd', 'f']) {
-      const p = document.createElementNS(SVG, 'path');
-      p.setAttribute('class', cls);
-      svg.append(p);
-    }
-    svg.append(document.createElementNS(SVG, 'title'));
-    return svg;
+    const t = document.createElement('template');
+    t.innerHTML = SPARK;
+    return t.content.firstChild;
   }
 
   function updateSpark(svg, delivered, failed) {
@@ -392,7 +388,7 @@
     const x = (i) => (n > 1 ? (i * 120) / (n - 1) : 60).toFixed(1);
     const y = (v) => (23 - (v / max) * 21).toFixed(1);
     const line = delivered.map((v, i) => (i ? 'L' : 'M') + x(i) + ' ' + y(v)).join('');
-    const [area, dline, fails, title] = [svg.children[0], svg.children[1], svg.children[2], svg.children[3]];
+    const [area, dline, fails, title] = svg.children;
     setAttr(area, 'd', n ? line + `L120 24L0 24Z` : '');
     setAttr(dline, 'd', line);
     setAttr(fails, 'd', failed.map((v, i) => (v ? `M${x(i)} 24V${y(v)}` : '')).join(''));
@@ -540,7 +536,8 @@
 
   function renderBody(e) {
     if (e.bodyExpired || e.body === null || e.body === undefined) {
-      return h('div', { class: 'card message' }, 'The stored body has expired, so it cannot be shown or resent. Delivery records remain below.');
+      return h('div', { class: 'card message' },
+        'The stored body has expired, so it cannot be shown or resent. Delivery records remain below.');
     }
     const text = JSON.stringify(e.body, null, 2);
     const lines = text.split('\n').length;
@@ -572,13 +569,14 @@
     const parts = ['delivered', 'retrying', 'pending', 'paused', 'dead'].filter((s) => counts[s])
       .map((s) => h('span', { class: 'badge mini s-' + s }, `${counts[s]} ${s}`));
     $('#verdict').replaceChildren(
-      h('strong', {}, `Delivered to ${counts.delivered || 0} of ${deliveries.length} subscriber${deliveries.length === 1 ? '' : 's'}`), ...parts);
+      h('strong', {}, `Delivered to ${counts.delivered || 0} of ${plural(deliveries.length, 'subscriber')}`), ...parts);
   }
 
   function renderLane(e, d) {
     const detail = [];
     if (d.state === 'retrying' && d.nextAttemptAt) {
-      detail.push(h('span', { class: 'detail warn', title: utcTitle(d.nextAttemptAt) }, 'next attempt ', fmtClock(d.nextAttemptAt), ' (', rel(d.nextAttemptAt), ')'));
+      const at = d.nextAttemptAt;
+      detail.push(h('span', { class: 'detail warn', title: utcTitle(at) }, 'next attempt ', fmtClock(at), ' (', rel(at), ')'));
     } else if (d.state === 'dead') {
       detail.push(h('span', { class: 'detail bad' }, d.deadReason || 'dead'));
     } else if (d.state === 'paused') {
@@ -673,7 +671,8 @@
       h('td', {}, (e.orderNumbers || []).join(', ')),
       h('td', {}, Object.entries(e.states || {}).map(([sub, st]) => h('span', { class: 'badge mini s-' + st }, sub + ': ' + st))));
     return h('div', { class: 'card' },
-      h('div', { class: 'card-head' }, h('h2', {}, `${events.length}${more ? '+' : ''} events for order ${value}`), h('span', { class: 'hint' }, 'newest first')),
+      h('div', { class: 'card-head' },
+        h('h2', {}, `${events.length}${more ? '+' : ''} events for order ${value}`), h('span', { class: 'hint' }, 'newest first')),
       h('div', { class: 'scroll-x' }, h('table', { class: 'grid' },
         h('thead', {}, h('tr', {}, ['Received', 'Event', 'Types', 'Orders', 'Deliveries'].map((x) => h('th', {}, x)))),
         h('tbody', {}, events.map(tr)))));
@@ -690,7 +689,10 @@
       if (location.hash === target) runSearch(value); else location.hash = target;
     });
     document.addEventListener('keydown', (e) => {
-      if (e.key === '/' && !/^(INPUT|SELECT|TEXTAREA)$/.test(document.activeElement.tagName)) { e.preventDefault(); input.focus(); input.select(); }
+      if (e.key !== '/' || /^(INPUT|SELECT|TEXTAREA)$/.test(document.activeElement.tagName)) return;
+      e.preventDefault();
+      input.focus();
+      input.select();
     });
   }
 
@@ -724,7 +726,9 @@
     const wanted = params.get('subscriber') || '';
     if (wanted && !names.includes(wanted)) names.push(wanted);
     const have = [...select.options].slice(1).map((o) => o.value);
-    if (have.join('\n') !== names.join('\n')) select.replaceChildren(h('option', { value: '' }, 'All'), ...names.map((n) => h('option', { value: n }, n)));
+    if (have.join('\n') !== names.join('\n')) {
+      select.replaceChildren(h('option', { value: '' }, 'All'), ...names.map((n) => h('option', { value: n }, n)));
+    }
     select.value = wanted;
     form.elements.range.value = params.get('range') || '';
     $('.custom-range', form).hidden = form.elements.range.value !== 'custom';
@@ -744,7 +748,7 @@
       dlq.next = r.next;
       dlq.total = r.total;
       $('#dlq-more').hidden = !r.next;
-      setText($('#dlq-total'), `${fmtInt(r.total)} dead letter${r.total === 1 ? '' : 's'}`);
+      setText($('#dlq-total'), plural(r.total, 'dead letter'));
       $('#dlq-replay').disabled = !r.total || dlq.replaying;
       if (!body.children.length) {
         const filtered = dlq.filters.subscriber || dlq.filters.since || dlq.filters.until;
@@ -807,7 +811,7 @@
       const confirm = $('#replay-confirm');
       confirm.hidden = !r.matched;
       setText(confirm, `Replay ${fmtInt(r.matched)}`);
-      replayPanel(r.matched ? `${fmtInt(r.matched)} dead letter${r.matched === 1 ? '' : 's'} match; replay them?`
+      replayPanel(r.matched ? `${plural(r.matched, 'dead letter')} match${r.matched === 1 ? 'es' : ''}; replay ${r.matched === 1 ? 'it' : 'them'}?`
         : 'No dead letters match these filters.', '');
     } catch (e) {
       replayPanel('Could not count dead letters: ' + e.message, 'failed');
@@ -833,7 +837,8 @@
         replayPanel(`Replaying… ${fmtInt(done)} of ${fmtInt(done + r.remaining)}`, '');
         // Stop when none remain, or when a batch moved nothing (the rest cannot be replayed).
         if (!r.remaining || !r.replayed) {
-          replayPanel(r.remaining ? `Replayed ${fmtInt(done)}; ${fmtInt(r.remaining)} could not be replayed.` : `Replayed ${fmtInt(done)} dead letter${done === 1 ? '' : 's'}.`, r.remaining ? 'failed' : 'done');
+          if (r.remaining) replayPanel(`Replayed ${fmtInt(done)}; ${fmtInt(r.remaining)} could not be replayed.`, 'failed');
+          else replayPanel(`Replayed ${plural(done, 'dead letter')}.`, 'done');
           break;
         }
       }
@@ -867,7 +872,8 @@
     for (const a of document.querySelectorAll('.tabs a')) a.classList.toggle('active', a.dataset.view === r.view);
     if (r.view !== 'event') ev.id = null;
     if (r.view === 'search' || r.view === 'event') $('#search-input').value = r.value;
-    document.title = { overview: 'Relay console', dlq: 'Dead letters · Relay', event: `Event ${r.value} · Relay`, search: `Search ${r.value} · Relay` }[r.view];
+    const titles = { overview: 'Relay console', dlq: 'Dead letters', event: `Event ${r.value}`, search: `Search ${r.value}` };
+    document.title = r.view === 'overview' ? titles.overview : `${titles[r.view]} · Relay`;
     if (r.view === 'event') openEvent(r.value);
     else if (r.view === 'search') runSearch(r.value);
     else if (r.view === 'dlq') openDlq(r.params);

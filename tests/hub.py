@@ -202,7 +202,7 @@ def post(url: str, body: bytes, secret: str = INGRESS_SECRET) -> tuple[int, dict
         return exc.code, msgspec.json.decode(exc.read() or b"{}")
 
 
-def enqueue_event(client: Any, body: bytes, queue: str = "relay") -> str:
+def enqueue_event(client: Any, body: bytes, prefix: str = "relay:") -> str:
     """Store an event and queue its fan-out with the ingress's own store, without its HTTP."""
     import redis.asyncio as aioredis
 
@@ -212,14 +212,15 @@ def enqueue_event(client: Any, body: bytes, queue: str = "relay") -> str:
 
     envelope = parse_envelope(body)
     record = StoredEvent(event_id=envelope.eventId, topic=envelope.topic,
-                         event_types=envelope.event_types(), received_at=time.time(), body=body)
+                         event_types=envelope.event_types(), received_at=time.time(), body=body,
+                         order_numbers=envelope.order_numbers())
     params = client.connection_pool.connection_kwargs
 
     async def accept() -> bool:
         aclient = aioredis.Redis(host=params.get("host", "127.0.0.1"),
                                  port=params.get("port", 6379), db=params.get("db", 0))
         try:
-            return await EventStore(aclient, Keys(queue=queue), 86400, 86400).accept(record)
+            return await EventStore(aclient, Keys(prefix=prefix), 86400, 86400).accept(record)
         finally:
             await aclient.aclose()
 
@@ -230,19 +231,50 @@ def enqueue_event(client: Any, body: bytes, queue: str = "relay") -> str:
 def attempt_log(client: Any, event_id: str, subscriber: str) -> list[Any]:
     """The attempt records of (event, subscriber), oldest first."""
     from relay.keys import Keys
-    from workers.ledger import Attempt
+    from relay.models import Attempt
 
     raw = client.lrange(Keys().log(event_id, subscriber), 0, -1)
     return [msgspec.msgpack.decode(r, type=Attempt) for r in reversed(raw)]
 
 
-def dead_letters(client: Any) -> dict[tuple[str, str], Any]:
+@dataclass
+class Letter:
+    """A dead letter with its attempt history (kept in the attempt log)."""
+
+    event_id: str
+    subscriber: str
+    reason: str
+    dead_at: float
+    event: Any
+    attempts: list[Any]
+
+
+def dead_letters(client: Any) -> dict[tuple[str, str], Letter]:
     """Every dead letter, keyed (event_id, subscriber)."""
     from relay.keys import Keys
-    from workers.ledger import decode_dead_letter
+    from relay.models import DeadLetter
 
-    letters = [decode_dead_letter(v) for v in client.hvals(Keys().dlq)]
-    return {(d.event_id, d.subscriber): d for d in letters}
+    keys = Keys()
+    found = {}
+    for name in client.smembers(keys.dead_subscribers):
+        sub = name.decode()
+        for member in client.zrange(keys.dead(sub), 0, -1):
+            raw = client.get(keys.letter(sub, member.decode()))
+            if raw is None:
+                continue
+            d = msgspec.msgpack.decode(raw, type=DeadLetter)
+            found[(d.event_id, d.subscriber)] = Letter(
+                d.event_id, d.subscriber, d.reason, d.dead_at, d.event,
+                attempt_log(client, d.event_id, d.subscriber))
+    return found
+
+
+def delivered(client: Any, event_id: str, subscriber: str) -> bool:
+    """Whether the delivery record says (event, subscriber) was delivered."""
+    from relay.keys import Keys
+
+    state = client.hget(Keys().deliveries(event_id), subscriber)
+    return bool(state) and state[:1] == b"d"
 
 
 class LiveIngress:

@@ -14,7 +14,17 @@ from pathlib import Path
 import pytest
 
 from relay.config import Backoff, Duration
-from tests.hub import Reply, Sink, attempt_log, enqueue_event, event_body, worker, write_config
+from tests.hub import (
+    Reply,
+    Sink,
+    attempt_log,
+    dead_letters,
+    delivered,
+    enqueue_event,
+    event_body,
+    worker,
+    write_config,
+)
 from tests.support import wait_until
 from workers.backoff import ceiling, parse_retry_after, retry_delay
 
@@ -87,7 +97,7 @@ def test_failed_deliveries_are_retried_with_growing_jittered_gaps_until_success(
             enqueue_event(redis_client, event_body(event_id))
         sink.wait_for("/flaky", 4 * len(events), timeout=30)
         # Each success is recorded right after the sink answers.
-        wait_until(lambda: all(redis_client.hexists(f"relay:done:{e}", "flaky") for e in events),
+        wait_until(lambda: all(delivered(redis_client, e, "flaky") for e in events),
                    10, what="done markers")
     got = sink.on("/flaky")
     assert len(got) == 4 * len(events)  # no extra attempt after the success
@@ -109,7 +119,7 @@ def test_failed_deliveries_are_retried_with_growing_jittered_gaps_until_success(
     # on average than the first (expected ~0.8 s vs ~0.2 s).
     assert means[2] > means[0]
     assert redis_client.zcard("relay:schedule") == 0
-    assert redis_client.hlen("relay:dlq") == 0
+    assert dead_letters(redis_client) == {}
 
 
 def test_retry_after_on_429_and_503_is_honoured_and_capped_at_backoff_max(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.hub import Reply, Sink, attempt_log, enqueue_event, event_body, write_config
+from tests.hub import Reply, Sink, attempt_log, delivered, enqueue_event, event_body, write_config
 from tests.support import process, wait_until
 
 
@@ -29,7 +29,7 @@ def test_plain_celery_worker_with_relay_config_env_delivers_and_retries(
             assert proc.poll() is None, log.read_text()
             enqueue_event(redis_client, event_body("EVCELERYCLI"))
             got = sink.wait_for("/cli", 2, timeout=15)
-            wait_until(lambda: redis_client.hexists("relay:done:EVCELERYCLI", "cli"), 10,
+            wait_until(lambda: delivered(redis_client, 'EVCELERYCLI', "cli"), 10,
                        what="done marker")
         assert proc.returncode is not None
     finally:

@@ -17,6 +17,7 @@ from tests.hub import (
     Sink,
     attempt_log,
     dead_letters,
+    delivered,
     enqueue_event,
     event_body,
     ingress,
@@ -78,8 +79,8 @@ def test_timeouts_refused_connections_and_dns_errors_are_retried(
             wait_until(lambda: ("EVNETERR", "nodns") in dead_letters(redis_client), 15,
                        what="DNS failures dead-lettered after max_attempts")
             sink.wait_for("/slow", 2, timeout=15)
-            wait_until(lambda: redis_client.hexists("relay:done:EVNETERR", "slow")
-                       and redis_client.hexists("relay:done:EVNETERR", "refused"), 10,
+            wait_until(lambda: delivered(redis_client, 'EVNETERR', "slow")
+                       and delivered(redis_client, 'EVNETERR', "refused"), 10,
                        what="done markers")
     finally:
         late.stop()
@@ -114,7 +115,7 @@ def test_redirects_are_not_followed_and_count_as_failures(
     assert [(a.attempt, a.status) for a in log] == [(1, 302), (2, 302)]
     assert dead_letters(redis_client)[("EVREDIRECT", "moved")].attempts[-1].describe() \
         == "HTTP 302"
-    assert not redis_client.exists("relay:done:EVREDIRECT")
+    assert not delivered(redis_client, "EVREDIRECT", "moved")
 
 
 def test_a_slow_subscriber_does_not_delay_a_fast_one(
@@ -275,7 +276,7 @@ def test_worker_sigkilled_mid_fan_out_loses_no_delivery(
                        what="every (event, subscriber) delivered after the restart")
             took = time.monotonic() - started
             # Everything is recorded as done once the last answer is in.
-            wait_until(lambda: all(redis_client.hexists(f"relay:done:{e}", f"sub{i}")
+            wait_until(lambda: all(delivered(redis_client, e, f"sub{i}")
                                    for e in events for i in range(5)), 10, what="done markers")
             time.sleep(0.5)
         got = received()

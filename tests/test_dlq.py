@@ -13,6 +13,7 @@ from tests.hub import (
     Sink,
     attempt_log,
     dead_letters,
+    delivered,
     enqueue_event,
     event_body,
     worker,
@@ -49,7 +50,7 @@ def test_410_gone_stops_at_once_and_dead_letters_after_a_single_request(
     assert [(a.attempt, a.status) for a in letter.attempts] == [(1, 410)]
     assert letter.event.body == event_body("EVGONE")
     assert redis_client.zcard("relay:schedule") == 0
-    assert not redis_client.hexists("relay:done:EVGONE", "gone")
+    assert not delivered(redis_client, 'EVGONE', "gone")
 
 
 def test_always_failing_subscriber_gets_exactly_max_attempts_then_a_dead_letter_and_replay(
@@ -100,7 +101,7 @@ def test_always_failing_subscriber_gets_exactly_max_attempts_then_a_dead_letter_
         assert out.stdout.startswith("replayed 1"), out.stdout
         wait_until(lambda: len(sink.on("/alpha")) == 7, 15, what="replayed delivery")
         assert sink.on("/alpha")[-1].event_id == "EVDLQ-ONE"
-        wait_until(lambda: redis_client.hexists("relay:done:EVDLQ-ONE", "alpha"), 5,
+        wait_until(lambda: delivered(redis_client, 'EVDLQ-ONE', "alpha"), 5,
                    what="done marker")
         assert set(dead_letters(redis_client)) == {("EVDLQ-TWO", "alpha"), ("EVDLQ-ONE", "beta"),
                                                    ("EVDLQ-TWO", "beta")}

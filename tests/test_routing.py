@@ -9,7 +9,7 @@ import msgspec
 
 from relay.config import Backoff, Duration, Subscriber
 from relay.models import StoredEvent, parse_envelope
-from tests.hub import Sink, event_body, ingress, post, worker, write_config
+from tests.hub import Sink, dead_letters, event_body, ingress, post, worker, write_config
 from tests.support import SAMPLES
 
 
@@ -41,7 +41,7 @@ def envelope(topic: str = "resellers/orders", top: str | None = None,
 
 
 def names(router_subs: list[Subscriber], event: StoredEvent) -> list[str]:
-    from workers.routing import Router
+    from relay.routing import Router
 
     return [s.name for s in Router(router_subs).route(event)]
 
@@ -177,4 +177,4 @@ def test_non_matching_subscriber_receives_nothing_end_to_end(
     assert sink.on("/voided") == []
     # Nothing is pending for the non-matching subscribers either.
     assert redis_client.zcard("relay:schedule") == 0
-    assert redis_client.hlen("relay:dlq") == 0
+    assert dead_letters(redis_client) == {}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.keys import Keys
 from tests.fault.helpers import Load, account, bodies, wait_delivered, wait_quiet
 from tests.hub import ingress, worker, write_config
 from tests.support import wait_until
@@ -68,7 +69,7 @@ def test_redis_down_gives_503_and_ingress_and_worker_recover_without_restart(
         assert worker_proc.poll() is None, "the worker exited instead of reconnecting"
 
     acct = account(sink, expected)
-    stored_during = [e for e in during if redis_client.exists(f"relay:event:{e}")]
+    stored_during = [e for e in during if redis_client.exists(Keys().event(e))]
     report(fault="redis down (SIGKILL) for 4 s, then back; no restarts",
            down_statuses=dict(down.statuses()),
            down_503_without_retry_after=down.unavailable_without_retry_after(),

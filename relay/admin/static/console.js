@@ -345,8 +345,10 @@
   }
 
   function updateAction(td, s) {
-    // Pause for a flowing subscriber, resume for a paused one; nothing for disabled or removed.
-    const kind = s.configured === false || s.state === 'disabled' ? null : s.state === 'paused' ? 'resume' : 'pause';
+    // Pause for a flowing subscriber; resume for a paused one, or a disabled one (resume
+    // re-enables it); nothing for a removed one.
+    const kind = s.configured === false ? null
+      : (s.state === 'paused' || s.state === 'disabled') ? 'resume' : 'pause';
     const btn = td.firstChild;
     if (btn && btn.dataset.kind === kind && !btn.disabled) return;
     if (!kind) { td.replaceChildren(); return; }

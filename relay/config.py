@@ -481,8 +481,8 @@ def _check_worker(worker: WorkerSettings, fail: Any) -> None:
         raise fail("worker.max_in_flight", "must be at least 1")
     if worker.max_connections < 1:
         raise fail("worker.max_connections", "must be at least 1")
-    if not 1 <= worker.lease_grace <= 600:
-        raise fail("worker.lease_grace", "must be between 1s and 10m")
+    if not 0.1 <= worker.lease_grace <= 600:
+        raise fail("worker.lease_grace", "must be between 100ms and 10m")
     # kombu hands a dead worker's unacknowledged task out again after this; past two minutes
     # the recovery promise cannot hold, and under a few seconds a live worker's prefetched
     # tasks would be handed out twice.

@@ -46,6 +46,7 @@ def setup_logging(level: str = "INFO") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_relay_json", False):
+            root.setLevel(level.upper())  # installed already: only the level may change
             return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())

@@ -140,11 +140,16 @@ class Sink:
 def write_config(path: Path, redis_url: str, subscribers: list[dict[str, Any]],
                  delivery: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                  ingress: dict[str, Any] | None = None) -> Path:
+    delivery = dict(delivery or {"timeout": "2s", "max_attempts": 5,
+                                 "backoff": {"initial": "100ms", "max": "1s"}})
+    # Tests of retries and dead letters make subscribers fail on purpose, and a circuit
+    # breaker (on by default: 10 failures) would hold their attempts instead; the breaker's
+    # own tests set it.
+    delivery.setdefault("circuit_breaker", {"failures": 0})
     doc = {
         "redis": {"url": redis_url},
         "ingress": {"secrets": [INGRESS_SECRET], "port": free_port(), **(ingress or {})},
-        "delivery": delivery or {"timeout": "2s", "max_attempts": 5,
-                                 "backoff": {"initial": "100ms", "max": "1s"}},
+        "delivery": delivery,
         "worker": {"pool": "prefork", "concurrency": 1, "lease_grace": "5s",
                    "visibility_timeout": "20s", **(worker or {})},
         "subscribers": subscribers,

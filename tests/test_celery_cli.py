@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import msgspec
+
 from tests.hub import Reply, Sink, attempt_log, delivered, enqueue_event, event_body, write_config
 from tests.support import process, wait_until
 
@@ -38,5 +40,7 @@ def test_plain_celery_worker_with_relay_config_env_delivers_and_retries(
     assert [(a.attempt, a.status) for a in attempt_log(redis_client, "EVCELERYCLI", "cli")] \
         == [(1, 500), (2, 200)]
     text = log.read_text()
-    assert "relay.deliver" in text  # the task is registered under its wire name
+    # Every line JSON (no banner, no plain-text warning), the deliveries logged at INFO.
+    lines = [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
+    assert any(e["msg"] == "delivered" and e.get("eventId") == "EVCELERYCLI" for e in lines)
     assert "scheduler started" in text

@@ -105,9 +105,9 @@ def test_always_failing_subscriber_gets_exactly_max_attempts_then_a_dead_letter_
                    what="done marker")
         assert set(dead_letters(redis_client)) == {("EVDLQ-TWO", "alpha"), ("EVDLQ-ONE", "beta"),
                                                    ("EVDLQ-TWO", "beta")}
-        # A replay is a fresh first attempt: its log starts again.
+        # A replay is a fresh first attempt; the log keeps the history before it.
         assert [(a.attempt, a.status) for a in attempt_log(redis_client, "EVDLQ-ONE", "alpha")] \
-            == [(1, 200)]
+            == [(1, 500), (2, 500), (3, 500), (1, 200)]
 
         # --subscriber alone: every remaining dead letter of that subscriber.
         out = relay(config, "dlq", "replay", "--subscriber", "alpha")

@@ -220,7 +220,9 @@ def _signal_children(worker: Any, signum: int) -> None:
 
 @signals.celeryd_init.connect
 def _quiet_and_preflight(instance: Any = None, **_: Any) -> None:
-    """No banner (every line is JSON), and refuse a Redis that fails the preflight."""
+    """No banner (every line is JSON), and refuse a Redis that fails the preflight. Logging is
+    set up here already: Celery warns (SecurityWarning) before its own logging setup."""
+    setup_logging(os.environ.get("RELAY_LOG_LEVEL", "INFO"))
     if instance is not None:
         instance.quiet = True
     config = _live.get("config")

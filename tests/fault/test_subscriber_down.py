@@ -9,7 +9,6 @@ import msgspec
 import pytest
 
 from tests.fault.helpers import (
-    KEYS,
     Load,
     account,
     attempt_log,
@@ -18,9 +17,8 @@ from tests.fault.helpers import (
     wait_delivered,
     wait_quiet,
 )
-from tests.hub import Sink, ingress, worker, write_config
+from tests.hub import Sink, dead_letters, ingress, worker, write_config
 from tests.support import free_port, wait_until
-from workers.ledger import decode_dead_letter
 
 pytestmark = pytest.mark.fault
 
@@ -58,7 +56,7 @@ def test_subscriber_down_then_back_gets_everything_within_max_attempts(
         back.start()
         try:
             recovered_s = wait_delivered(back, {("/erp", e) for e in events}, timeout=60)
-            wait_until(lambda: redis_client.hlen(KEYS.dlq) >= EVENTS, 30, 0.1,
+            wait_until(lambda: len(dead_letters(redis_client)) >= EVENTS, 30, 0.1,
                        what="every 'gone' delivery dead-lettered")
             left = wait_quiet(redis_client, timeout=20)
             time.sleep(0.5)
@@ -69,7 +67,7 @@ def test_subscriber_down_then_back_gets_everything_within_max_attempts(
     crm = account(sink, {("/crm", e) for e in events})
     erp_attempts = {e: attempt_log(redis_client, e, "erp") for e in events}
     erp_counts = [len(a) for a in erp_attempts.values()]
-    letters = [decode_dead_letter(v) for v in redis_client.hvals(KEYS.dlq)]
+    letters = list(dead_letters(redis_client).values())
     gone_counts = [len(attempt_log(redis_client, e, "gone")) for e in events]
     report(fault="subscriber down 3 s then back; another down for good",
            erp=erp.figures(), crm=crm.figures(),

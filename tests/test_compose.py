@@ -712,3 +712,29 @@ def test_nginx_body_limit_lets_the_ingress_answer_413_itself() -> None:
     assert limit
     size = int(limit.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[limit.group(2)]
     assert size > yaml_with_placeholders(HA_CONFIG)["ingress"]["max_body_bytes"]
+
+
+# ---- docs ----------------------------------------------------------------------------------
+
+DOCS = [ROOT / "docs" / "docker.md", ROOT / "docs" / "scaling.md", HA / "README.md"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=rel)
+def test_deployment_docs_link_only_to_files_in_the_repository(path: Path) -> None:
+    for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+        assert not re.match(r"[a-z]+:", target), f"link outside the repository: {target}"
+        resolved = (path.parent / target.split("#")[0]).resolve()
+        assert resolved.is_relative_to(ROOT) and resolved.exists(), target
+
+
+def test_docs_explain_the_compose_setup() -> None:
+    doc = (ROOT / "docs" / "docker.md").read_text(encoding="utf-8")
+    for needed in (".env.example", "docker compose up", "RELAY_ADMIN_TOKEN",
+                   "docker compose kill -s HUP", "--scale worker=", "REDIS_URL"):
+        assert needed in doc, needed
+
+
+def test_scaling_doc_keeps_a_capacity_model_section_for_measured_figures() -> None:
+    doc = (ROOT / "docs" / "scaling.md").read_text(encoding="utf-8")
+    assert re.search(r"^## Capacity model$", doc, re.M)
+    assert "deploy/ha/docker-compose.yml" in doc and "min_replicas" in doc

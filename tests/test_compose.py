@@ -365,6 +365,14 @@ def test_the_worker_healthcheck_fails_once_the_heartbeat_is_30_s_old(
 
 
 @pytest.mark.parametrize(("path", "name"), [
+    pytest.param(p, n, id=f"{rel(p)}:{n}") for p in COMPOSE_FILES for n in relay_services(p)])
+def test_relay_runs_under_an_init_that_forwards_signals(path: Path, name: str) -> None:
+    """SIGTERM (docker compose stop) and SIGHUP (kill -s HUP: reload) reach relay, which is
+    not PID 1, and the worker's exited children are reaped."""
+    assert services(path)[name].get("init") is True
+
+
+@pytest.mark.parametrize(("path", "name"), [
     pytest.param(p, n, id=f"{rel(p)}:{n}") for p in COMPOSE_FILES for n in relay_services(p)
     if not is_one_shot(services(p)[n])])
 def test_stop_grace_periods_cover_the_drains(path: Path, name: str) -> None:

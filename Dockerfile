@@ -1,4 +1,5 @@
-# The relay image: one image for the ingress and the worker (docker-compose.yml picks the command).
+# The relay image: one image for the ingress, the worker and the admin console (the compose files
+# pick the command).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,8 +17,9 @@ COPY workers ./workers
 RUN pip install . \
     && useradd --system --uid 10001 --home-dir /app relay
 
-# The config is not baked in: docker-compose.yml mounts ./config read-only on /app/config,
+# The config is not baked in: the compose files mount it read-only on /app/config,
 # and secrets come from the environment (.env), never from the image.
 USER relay
-EXPOSE 8080
+# 8080: relay ingress; 8081: relay admin.
+EXPOSE 8080 8081
 CMD ["relay", "--help"]

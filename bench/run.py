@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.hub import Ingress, Sinks, Worker, write_config
+from bench.hub import Ingress, Sinks, Worker, hub_keys, write_config
 from bench.procs import (
     ROOT,
     Proc,
@@ -103,6 +103,7 @@ class Bench:
         self.failures: list[str] = []
         self.bare: Proc | None = None
         self.bare_url = ""
+        self.keys: Any = None  # relay.keys.Keys of the hub's config, once it is written
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -196,12 +197,13 @@ class Bench:
         r, mark = self.measured(f"ingress-{fsync}", [url], f"ing-{fsync}-{round_no}-", n)
         cpu = self.cpu_used(mark, r)
         accepted = r["statuses"].get("202", 0)
+        keys = self.keys
         with contextlib.closing(self.redis.client()) as c:
-            stored = sum(1 for _ in c.scan_iter(match="relay:event:*", count=5000))
-            seen = sum(1 for _ in c.scan_iter(match="relay:seen:*", count=5000))
+            stored = sum(1 for _ in c.scan_iter(match=keys.event("*"), count=5000))
+            seen = sum(1 for _ in c.scan_iter(match=keys.seen("*"), count=5000))
             # One fan-out message per group-committed batch: count the events they name.
             queued, messages = 0, 0
-            for raw in c.lrange("relay", 0, -1):
+            for raw in c.lrange(keys.queue, 0, -1):
                 ids = read_deliver_message(raw).event_id
                 queued += 1 if isinstance(ids, str) else len(ids)
                 messages += 1
@@ -514,6 +516,7 @@ class Bench:
             cfg = write_config(self.log_dir / "ingress.yaml", self.redis.url, port,
                                [self.sinks.url(0)], self.worker_settings, self.ingress_settings)
             self.ingress = Ingress(cfg, port, self.log_dir)
+            self.keys = hub_keys(cfg)
             self.sampler.watch("ingress", self.ingress.proc.pid)
             if "ceiling" in phases or "ingress" in phases:
                 self.ceiling_and_ingress("ingress" in phases)

@@ -275,7 +275,12 @@ class Bench:
         worker = Worker(name, self.config(name, fanout), self.log_dir)
         self.sampler.watch(name, worker.pid)
         self.sampler.watch("worker", worker.pid)
-        worker.warm_up(self.ingress, self.sinks, fanout, f"warm-{name}-", self.plan.warmup)
+        try:
+            worker.warm_up(self.ingress, self.sinks, fanout, f"warm-{name}-", self.plan.warmup)
+        except BaseException:  # a failed warm-up, Ctrl-C: the caller never gets it to stop
+            with contextlib.suppress(Exception):
+                self.stop_worker(name, worker)
+            raise
         return worker
 
     def stop_worker(self, name: str, worker: Worker) -> None:

@@ -7,6 +7,10 @@ from typing import Any
 
 BEGIN = "<!-- bench:begin (written by python -m bench.run; edits inside are overwritten) -->"
 END = "<!-- bench:end -->"
+#: A run under --stress has its own block, so the unstressed one stays beside it.
+STRESS_BEGIN = ("<!-- bench:stress:begin (written by python -m bench.run --stress; edits "
+                "inside are overwritten) -->")
+STRESS_END = "<!-- bench:stress:end -->"
 
 INGRESS_RATIO = 0.5
 E2E_RATIO = 0.45
@@ -154,7 +158,7 @@ def table_text(r: dict[str, Any]) -> str:
         out.append(f"{_verdict(t['pass']):4}  {t['name']}: {t['value']}")
     cpu = cpu_rows(r)
     if cpu:
-        head = ["cores used", *CPU_ROLES, "total", "CPU us/item"]
+        head = ["cores used", *cpu_roles(r), "total", "CPU us/item"]
         widths = [max(len(row[i]) for row in [head, *cpu]) for i in range(len(head))]
         out.append("")
         out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
@@ -173,6 +177,11 @@ CPU_ROLES = ("bare", "ingress", "worker", "worker:main", "redis", "sink0", "load
 _SERVING = ("bare", "ingress", "worker", "redis")
 
 
+def cpu_roles(r: dict[str, Any]) -> tuple[str, ...]:
+    """The CPU table's columns: stress-ng's too in a run under --stress."""
+    return (*CPU_ROLES, "stress") if _get(r, "meta", "stress") else CPU_ROLES
+
+
 def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
     """[phase, cores per role..., total]: where the machine's cores went in each phase."""
     phases: list[tuple[str, dict[str, float] | None, float | None]] = [
@@ -184,11 +193,12 @@ def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
         ("egress ceiling", _get(r, "egress", "cpu_cores"), _get(r, "egress", "posts_per_s")),
     ] + [(f"end to end fan-out {fo}", _get(r, "e2e", fo, "cpu_cores"),
           _get(r, "e2e", fo, "deliveries_per_s")) for fo in ("1", "10", "50")]
+    roles = cpu_roles(r)
     out = []
     for name, cores, per_s in phases:
         if not cores:
             continue
-        cells = [f"{cores[k]:.2f}" if k in cores else "" for k in CPU_ROLES]
+        cells = [f"{cores[k]:.2f}" if k in cores else "" for k in roles]
         total = sum(v for k, v in cores.items() if ":" not in k)
         # CPU time per item of the serving processes (for the egress ceiling: the client's).
         serving = (cores.get("loadgen", 0.0) if name.startswith("egress")
@@ -202,13 +212,15 @@ def cpu_markdown(r: dict[str, Any]) -> str:
     body = cpu_rows(r)
     if not body:
         return ""
-    head = ["phase", *[c.replace("sink0", "sinks") for c in CPU_ROLES], "total", "CPU µs/item"]
+    head = ["phase", *[c.replace("sink0", "sinks") for c in cpu_roles(r)], "total",
+            "CPU µs/item"]
     out = ["", "CPU used in each phase, in cores (2 = the whole machine), from /proc/<pid>/stat "
            "of each process tree (the load generator's from its own process time; "
            "`worker:main` is Celery's main process, included in `worker`). CPU µs/item: CPU "
            "time of the serving processes (bare or ingress + worker + redis; for the egress "
-           "ceiling the client's) per request, event or delivery: less noisy than rates.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+           "ceiling the client's) per request, event or delivery: less noisy than rates."
+           + (" `stress`: stress-ng, the competing load." if "stress" in cpu_roles(r) else ""),
+           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(out)
 
@@ -248,19 +260,30 @@ def _profile_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def stress_text(r: dict[str, Any]) -> str:
+    st = _get(r, "meta", "stress")
+    if not st:
+        return ""
+    return (f"under `{st['command']}` for the whole run (ceilings included: "
+            f"{st['cpus']} CPU worker(s), each busy {st['cpu_load_percent']}% of the time)")
+
+
 def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     m = r.get("meta", {})
     redis = m.get("redis", {})
+    stressed = stress_text(r)
     lines = [
-        BEGIN,
-        f"## Latest run: {m.get('date', '?')}",
+        STRESS_BEGIN if stressed else BEGIN,
+        (f"## Latest run under competing load: {m.get('date', '?')}" if stressed
+         else f"## Latest run: {m.get('date', '?')}"),
         "",
         f"`{m.get('command', 'python -m bench.run')}` on {m.get('nproc')} cores "
         f"({m.get('cpu')}), Python {m.get('python')}, aiohttp {m.get('aiohttp')}, "
         f"Celery {m.get('celery')}, redis-server {redis.get('version', '?')} "
         f"(appendonly {redis.get('appendonly', '?')}, appendfsync "
         f"{redis.get('appendfsync', '?')}), commit {m.get('commit')}, load average at start "
-        f"{m.get('loadavg_at_start')}, {m.get('bench_seconds', '?')} s in all.",
+        f"{m.get('loadavg_at_start')}, {m.get('bench_seconds', '?')} s in all"
+        + (f", {stressed}" if stressed else "") + ".",
         "",
         table_markdown(r),
         "",
@@ -273,7 +296,7 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))
-    lines.append(END)
+    lines.append(STRESS_END if stressed else END)
     return "\n".join(lines)
 
 
@@ -288,10 +311,11 @@ absolute figures noisy. `python -m bench.run --help` lists the knobs; `--smoke` 
 def write_markdown(r: dict[str, Any], path: Path, chart: Path | None) -> Path:
     """Replace the generated block of ``path`` (or create it); text outside is kept."""
     block = block_markdown(r, chart)
-    text = path.read_text() if path.exists() else INTRO + "\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    begin, end = (STRESS_BEGIN, STRESS_END) if stress_text(r) else (BEGIN, END)
+    text = path.read_text() if path.exists() else INTRO + "\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
@@ -329,8 +353,11 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
                    label=f"target at fan-out 10: {E2E_RATIO} x ceiling")
     ax.set_ylabel("deliveries/s")
     m = r.get("meta", {})
-    ax.set_title(f"Deliveries/s against fan-out ({m.get('nproc')} cores, {m.get('date', '')})",
-                 fontsize=10)
+    stress = _get(r, "meta", "stress")
+    load = (f", under stress-ng --cpu {stress['cpus']} --cpu-load {stress['cpu_load_percent']}"
+            if stress else "")
+    ax.set_title(f"Deliveries/s against fan-out ({m.get('nproc')} cores{load}, "
+                 f"{m.get('date', '')})", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     ax.set_ylim(0, max([*values, egress or 0]) * 1.25)
     fig.tight_layout()

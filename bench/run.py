@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,8 @@ from bench.procs import (
     run_loadgen,
     wait_http,
 )
+from bench.stress import INSTALL as STRESS_INSTALL
+from bench.stress import Stress
 from relay.queue import read_deliver_message
 
 FANOUTS = (1, 10, 50)
@@ -104,6 +107,7 @@ class Bench:
         self.bare: Proc | None = None
         self.bare_url = ""
         self.keys: Any = None  # relay.keys.Keys of the hub's config, once it is written
+        self.stress: Stress | None = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -503,8 +507,17 @@ class Bench:
         phases = set(self.args.phases.split(","))
         self.results["meta"] = machine_facts()
         self.results["plan"] = self.plan.as_dict()
+        if self.args.stress:
+            # First, before anything is measured (the ceilings too), and before the sampler's
+            # thread starts (stress-ng is started with a preexec_fn).
+            self.stress = Stress(self.args.stress_cpus, self.args.stress_load, self.log_dir)
+            self.results["meta"]["stress"] = self.stress.describe()
+            self.sampler.watch("stress", self.stress.pid)
+            self.say(f"competing load for the whole run: {self.stress.describe()['command']}")
         self.sampler.start()
         try:
+            if self.stress is not None:
+                time.sleep(1.0)  # its workers running before the first measure
             if "ceiling" in phases:
                 self.start_bare()
             fsync = "everysec" if self.args.fsync == "both" else self.args.fsync
@@ -533,6 +546,7 @@ class Bench:
             if "long" in phases:
                 self.long_run()
         finally:
+            stressed_throughout = self.stress is None or self.stress.alive()
             self.sampler.sample()
             self.sampler.stop()
             self.results["rss"] = {
@@ -540,10 +554,17 @@ class Bench:
                        "max_process_hwm_kb": self.sampler.peak_hwm.get(role, 0)}
                 for role in sorted(self.sampler.peak_sum)}
             self.stop_bare()
-            for thing in (self.ingress, self.sinks, self.redis):
+            for thing in (self.ingress, self.sinks, self.redis, self.stress):
                 if thing is not None:
                     with contextlib.suppress(Exception):
                         thing.stop()
+            if self.stress is not None:
+                self.results["meta"]["stress"]["ran_throughout"] = stressed_throughout
+                if not stressed_throughout:
+                    self.failures.append(f"stress-ng ended before the run did (exit status "
+                                         f"{self.stress.proc.returncode}, log "
+                                         f"{self.log_dir / 'stress-ng.log'}): the figures "
+                                         f"were not all taken under the competing load")
         self.results["failures"] = self.failures
         self.results["targets"] = report.targets(self.results)
         return self.results
@@ -667,25 +688,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile the ingress at saturation and the worker at fan-out 10 "
                         "with py-spy; flame graphs and raw stacks go to DIR")
+    p.add_argument("--stress", action="store_true",
+                   help="run everything (ceilings included) under stress-ng --cpu N "
+                        "--cpu-load P: a slower, busier machine; needs stress-ng "
+                        "(apt-get install -y stress-ng); writes latest-stress.json and its own "
+                        "section of docs/benchmarks.md")
+    p.add_argument("--stress-cpus", type=int, default=2, metavar="N",
+                   help="stress-ng CPU workers (default 2)")
+    p.add_argument("--stress-load", type=int, default=60, metavar="PERCENT",
+                   help="load of each stress-ng CPU worker, 1-100 (default 60)")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.stress and not 1 <= args.stress_load <= 100:
+        p.error("--stress-load must be 1-100")
+    if args.stress and args.stress_cpus < 1:
+        p.error("--stress-cpus must be at least 1")
+    return args
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.stress and shutil.which("stress-ng") is None:
+        print(f"error: --stress needs stress-ng, which is not installed: {STRESS_INSTALL}",
+              file=sys.stderr)
+        return 2
     plan = Plan(args.smoke)
+    # A run under --stress keeps its own results beside the unstressed ones.
+    suffix = "-stress" if args.stress else ""
     if args.out or args.smoke:
         out = Path(args.out) if args.out else ROOT / "var" / "bench-smoke"
-        paths = {"json": out / "latest.json", "md": out / "benchmarks.md",
-                 "png": out / "benchmarks-fanout.png"}
+        paths = {"json": out / f"latest{suffix}.json", "md": out / "benchmarks.md",
+                 "png": out / f"benchmarks-fanout{suffix}.png"}
     else:
-        paths = {"json": ROOT / "bench" / "results" / "latest.json",
+        paths = {"json": ROOT / "bench" / "results" / f"latest{suffix}.json",
                  "md": ROOT / "docs" / "benchmarks.md",
-                 "png": ROOT / "docs" / "benchmarks-fanout.png"}
+                 "png": ROOT / "docs" / f"benchmarks-fanout{suffix}.png"}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     bench = Bench(args, plan, log_dir)
+    # SIGTERM unwinds like Ctrl-C, so every process the bench started (stress-ng too) stops.
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     try:
         results = bench.run()
@@ -698,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     if not (args.out or args.smoke):  # keep every full run next to latest.json
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        (paths["json"].parent / f"run-{stamp}.json").write_text(paths["json"].read_text())
+        (paths["json"].parent / f"run-{stamp}{suffix}.json").write_text(
+            paths["json"].read_text())
     chart = report.chart(results, paths["png"])
     report.write_markdown(results, paths["md"], chart)
     print(report.table_text(results))

@@ -2,8 +2,9 @@
 
 Reads ``bench/results/latest.json`` (``--stress``: ``latest-stress.json``; or ``--json``),
 re-summarises the py-spy stacks kept in ``--profile DIR`` if given (``ingress.raw.txt``,
-``worker-fo1.raw.txt``, ...), and writes the JSON back, ``docs/benchmarks.md`` (the section of
-that run) and the chart, as ``python -m bench.run`` would.
+``worker-fo1.raw.txt``, ``steady-fo1-50-worker.raw.txt``, ...), and writes the JSON back,
+``docs/benchmarks.md`` (the section of that run) and the chart, as ``python -m bench.run``
+would.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         prof = results.setdefault("profile", {})
         for raw in sorted(Path(args.profile).glob("*.raw.txt")):
             role = raw.name.removesuffix(".raw.txt")
-            if role == "ingress":
+            if role == "ingress" or role.endswith("-ingress"):
                 prof[role] = summarise(raw, INGRESS_FOCUS, stages=INGRESS_STAGES,
                                        default_stage=INGRESS_DEFAULT_STAGE)
             else:

@@ -159,11 +159,19 @@ def table_text(r: dict[str, Any]) -> str:
     cpu = cpu_rows(r)
     if cpu:
         head = ["cores used", *cpu_roles(r), "total", "CPU us/item"]
-        widths = [max(len(row[i]) for row in [head, *cpu]) for i in range(len(head))]
         out.append("")
-        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-                for row in [head, *cpu]]
+        out += _columns([head, *cpu])
+    steady = steady_rows(r)
+    if steady:
+        out += ["", "steady stream of lone events (CPU us per delivery)"]
+        out += _columns([STEADY_HEADER, *steady])
     return "\n".join(out)
+
+
+def _columns(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in table]
 
 
 def table_markdown(r: dict[str, Any]) -> str:
@@ -182,6 +190,10 @@ def cpu_roles(r: dict[str, Any]) -> tuple[str, ...]:
     return (*CPU_ROLES, "stress") if _get(r, "meta", "stress") else CPU_ROLES
 
 
+def _steady_runs(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(_get(r, "steady", "runs") or [])
+
+
 def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
     """[phase, cores per role..., total]: where the machine's cores went in each phase."""
     phases: list[tuple[str, dict[str, float] | None, float | None]] = [
@@ -193,6 +205,9 @@ def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
         ("egress ceiling", _get(r, "egress", "cpu_cores"), _get(r, "egress", "posts_per_s")),
     ] + [(f"end to end fan-out {fo}", _get(r, "e2e", fo, "cpu_cores"),
           _get(r, "e2e", fo, "deliveries_per_s")) for fo in ("1", "10", "50")]
+    phases += [(f"steady {s['events_per_s']:g} events/s, fan-out {s['fanout']}",
+                s.get("cpu_cores"), s["deliveries"] / s["seconds"] if s["seconds"] else None)
+               for s in _steady_runs(r)]
     roles = cpu_roles(r)
     out = []
     for name, cores, per_s in phases:
@@ -218,10 +233,85 @@ def cpu_markdown(r: dict[str, Any]) -> str:
            "of each process tree (the load generator's from its own process time; "
            "`worker:main` is Celery's main process, included in `worker`). CPU µs/item: CPU "
            "time of the serving processes (bare or ingress + worker + redis; for the egress "
-           "ceiling the client's) per request, event or delivery: less noisy than rates."
+           "ceiling the client's) per request, event or delivery: less noisy than rates. "
+           "The steady rows are the trickles below (per delivery)."
            + (" `stress`: stress-ng, the competing load." if "stress" in cpu_roles(r) else ""),
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
+STEADY_HEADER = ["fan-out", "events/s", "delivered", "202 -> sink p50 / p99",
+                 "hub CPU µs/delivery", "ingress", "worker (main)", "redis", "idle floor",
+                 "x saturation", "x egress CPU/post", "Redis calls/delivery"]
+
+
+def _saturation_us(r: dict[str, Any], fanout: str) -> float | None:
+    """The hub's CPU µs per delivery at saturation (end to end) at ``fanout``."""
+    cores = _get(r, "e2e", fanout, "cpu_cores")
+    per_s = _get(r, "e2e", fanout, "deliveries_per_s")
+    if not cores or not per_s:
+        return None
+    return sum(cores.get(k, 0.0) for k in ("ingress", "worker", "redis")) / per_s * 1e6
+
+
+def _egress_us(r: dict[str, Any]) -> float | None:
+    """The egress ceiling's client CPU µs per post."""
+    cores = _get(r, "egress", "cpu_cores", "loadgen")
+    per_s = _get(r, "egress", "posts_per_s")
+    return cores / per_s * 1e6 if cores and per_s else None
+
+
+def steady_rows(r: dict[str, Any]) -> list[list[str]]:
+    out = []
+    egress = _egress_us(r)
+    for s in _steady_runs(r):
+        us = s.get("cpu_us_per_delivery") or {}
+        hub = s.get("hub_cpu_us_per_delivery")
+        sat = _saturation_us(r, str(s["fanout"]))
+        calls = ", ".join(f"{k} {v:g}" for k, v in
+                          list((s.get("redis_calls_per_delivery") or {}).items())[:5])
+        out.append([
+            str(s["fanout"]), f"{s['events_per_s']:g}",
+            f"{s['deliveries']:,}/{s['expected']:,}",
+            f"{_n(s.get('p50_ms'), '', 1)} / {_n(s.get('p99_ms'), ' ms', 1)}",
+            _n(hub), _n(us.get("ingress")),
+            f"{_n(us.get('worker'))} ({_n(us.get('worker:main'))})", _n(us.get("redis")),
+            _n(s.get("idle_floor_us_per_delivery")),
+            f"{hub / sat:.1f} x" if hub and sat else "",
+            f"{hub / egress:.1f} x" if hub and egress else "",
+            calls])
+    return out
+
+
+def steady_markdown(r: dict[str, Any]) -> str:
+    body = steady_rows(r)
+    if not body:
+        return ""
+    st = r["steady"]
+    idle = st.get("idle") or {}
+    idle_text = "; ".join(
+        f"fan-out {fo}: {sum(v for k, v in i['cores'].items() if k in _SERVING) * 1000:.1f} "
+        f"ms per second, Redis "
+        + (", ".join(f"{k} {v:g}/s" for k, v in list(i["redis_calls_per_s"].items())[:4])
+           or "idle")
+        for fo, i in idle.items())
+    out = ["", "### Steady stream of lone events", "",
+           f"Open loop, one event per request, at each rate for {st.get('seconds', '?')} s, on "
+           "the worker of the fan-out phase (after its saturation runs)"
+           + (", sampled by py-spy meanwhile" if st.get("profiled") else "")
+           + ". Hub CPU µs/delivery: CPU time of the ingress, the worker (all processes; its "
+           "main process, Celery's consumer and the scheduler, in brackets) and redis-server "
+           "over the stream, per delivery received. Idle floor: what those processes burn with "
+           "no events at all (measured first), spread over the same deliveries; it is part of "
+           "the figure before it. x saturation: against the end-to-end run at the same "
+           "fan-out; x egress: against the egress ceiling's client CPU per post. Redis "
+           "calls/delivery: from INFO commandstats, commands run inside Lua scripts counted "
+           "under their own names.", "",
+           "| " + " | ".join(STEADY_HEADER) + " |", "|" + "---|" * len(STEADY_HEADER)]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    if idle_text:
+        out += ["", f"With no events (idle floor): {idle_text}."]
     return "\n".join(out)
 
 
@@ -260,6 +350,46 @@ def _profile_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def steady_tag(fanout: int | str, events_per_s: float) -> str:
+    """The name of a steady stream's profiles: ``steady-fo{fanout}-{events/s}``."""
+    return f"steady-fo{fanout}-{float(events_per_s):g}"
+
+
+def _steady_profile_markdown(r: dict[str, Any]) -> str:
+    """Each process's CPU per delivery in a steady stream, split by py-spy's stages."""
+    prof = r.get("profile") or {}
+    out: list[str] = []
+    for proc, label in (("worker", "Worker (all processes)"), ("ingress", "Ingress")):
+        cols = []
+        for s in _steady_runs(r):
+            p = prof.get(f"{steady_tag(s['fanout'], s['events_per_s'])}-{proc}")
+            us = (s.get("cpu_us_per_delivery") or {}).get(proc)
+            if p and us and p.get("by_stage"):
+                cols.append((f"fan-out {s['fanout']}, {s['events_per_s']:g}/s",
+                             dict(map(tuple, p["by_stage"])), us, p["samples"]))
+        if not cols:
+            continue
+        if not out:
+            out = ["", "**Where a lone event's CPU goes** (py-spy during the steady streams): "
+                   "each process's CPU µs per delivery split by the share of its busy samples "
+                   "in each stage (an estimate: py-spy's shares of the processes' measured "
+                   "CPU time).", ""]
+        stages = sorted({k for _, by, _, _ in cols for k in by},
+                        key=lambda k: -max(by.get(k, 0.0) for _, by, _, _ in cols))
+        out.append(f"{label}, µs per delivery (% of busy samples)")
+        out.append("")
+        out.append("| stage | " + " | ".join(c[0] for c in cols) + " |")
+        out.append("|---|" + "---|" * len(cols))
+        out.append("| **all** | " + " | ".join(f"**{us:,.0f}** ({n:,} samples)"
+                                               for _, _, us, n in cols) + " |")
+        for stage in stages:
+            out.append(f"| {stage} | " + " | ".join(
+                f"{by.get(stage, 0.0) * us / 100:,.0f} ({by.get(stage, 0.0):g}%)"
+                for _, by, us, _ in cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
 def stress_text(r: dict[str, Any]) -> str:
     st = _get(r, "meta", "stress")
     if not st:
@@ -293,6 +423,8 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     if r.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
+    lines.append(steady_markdown(r))
+    lines.append(_steady_profile_markdown(r))
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))

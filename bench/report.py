@@ -16,6 +16,8 @@ INGRESS_RATIO = 0.5
 E2E_RATIO = 0.45
 P99_MS = 50.0
 RSS_DRIFT = 0.10
+#: The hub's deliveries/s at fan-out 10 against the obvious design's (bench/obvious/).
+OBVIOUS_MULTIPLE = 10.0
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -45,12 +47,22 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": f"p99 ingress-202 -> sink at half load, fan-out {fo} <= 50 ms",
                     "value": p99, "target": f"<= {P99_MS:g} ms",
                     "pass": None if p99 is None else p99 <= P99_MS})
+    multiple = obvious_multiple(r)
+    out.append({"name": "hub deliveries/s at fan-out 10 >= 10 x the obvious design's",
+                "value": multiple, "target": f">= {OBVIOUS_MULTIPLE:g} x",
+                "pass": None if multiple is None else multiple >= OBVIOUS_MULTIPLE})
     for role in ("worker", "ingress"):
         change = _get(r, "long", role, "change")
         out.append({"name": f"{role} RSS flat over the long run (last vs first quarter)",
                     "value": change, "target": f"within +-{RSS_DRIFT:.0%}",
                     "pass": None if change is None else abs(change) <= RSS_DRIFT})
     return out
+
+
+def obvious_multiple(r: dict[str, Any]) -> float | None:
+    """The hub's end-to-end deliveries/s at fan-out 10 over the obvious design's."""
+    return _ratio(_get(r, "e2e", "10", "deliveries_per_s"),
+                  _get(r, "obvious", "deliveries_per_s"))
 
 
 def _verdict(ok: bool | None) -> str:
@@ -112,6 +124,18 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
                     f"{e['received']:,}/{e['expected']:,} delivered{dup})",
                     _n(e["deliveries_per_s"], " deliveries/s"), _n(egress, " posts/s"),
                     _n(ratio, "", 2), target, result])
+    obv = r.get("obvious")
+    if obv:
+        tt = t["hub deliveries/s at fan-out 10 >= 10 x the obvious design's"]
+        dup = f", {obv['duplicates']:,} duplicates" if obv.get("duplicates") else ""
+        multiple = obvious_multiple(r)
+        out.append([f"obvious design, fan-out 10: a Celery task per delivery, requests, "
+                    f"no batching ({obv['events']:,} events, "
+                    f"{obv['received']:,}/{obv['expected']:,} delivered{dup})",
+                    _n(obv["deliveries_per_s"], " deliveries/s"),
+                    _n(_get(r, "e2e", "10", "deliveries_per_s"), " deliveries/s (hub)"),
+                    "" if multiple is None else f"hub {multiple:,.1f} x",
+                    tt["target"] + " (hub)", _verdict(tt["pass"])])
     for fo in ("1", "10"):
         lat = _get(r, "latency", fo)
         if not lat:
@@ -208,13 +232,15 @@ def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
     phases += [(f"steady {s['events_per_s']:g} events/s, fan-out {s['fanout']}",
                 s.get("cpu_cores"), s["deliveries"] / s["seconds"] if s["seconds"] else None)
                for s in _steady_runs(r)]
+    phases.append(("obvious design fan-out 10", _get(r, "obvious", "cpu_cores"),
+                   _get(r, "obvious", "deliveries_per_s")))
     roles = cpu_roles(r)
     out = []
     for name, cores, per_s in phases:
         if not cores:
             continue
         cells = [f"{cores[k]:.2f}" if k in cores else "" for k in roles]
-        total = sum(v for k, v in cores.items() if ":" not in k)
+        total = sum(v for k, v in cores.items() if ":" not in k and k != "hub_ingress_idle")
         # CPU time per item of the serving processes (for the egress ceiling: the client's).
         serving = (cores.get("loadgen", 0.0) if name.startswith("egress")
                    else sum(cores.get(k, 0.0) for k in _SERVING))
@@ -234,7 +260,9 @@ def cpu_markdown(r: dict[str, Any]) -> str:
            "`worker:main` is Celery's main process, included in `worker`). CPU µs/item: CPU "
            "time of the serving processes (bare or ingress + worker + redis; for the egress "
            "ceiling the client's) per request, event or delivery: less noisy than rates. "
-           "The steady rows are the trickles below (per delivery)."
+           "The steady rows are the trickles below (per delivery); in the obvious design's "
+           "row its own ingress and worker stand in the hub's columns (the hub's ingress sat "
+           "idle meanwhile)."
            + (" `stress`: stress-ng, the competing load." if "stress" in cpu_roles(r) else ""),
            "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in body]
@@ -456,9 +484,11 @@ def write_markdown(r: dict[str, Any], path: Path, chart: Path | None) -> Path:
 
 
 def chart(r: dict[str, Any], path: Path) -> Path | None:
-    """Deliveries/s against fan-out, with the egress ceiling; matplotlib if it is there."""
+    """Deliveries/s against fan-out, with the egress ceiling and the obvious design at fan-out
+    10 beside the hub's; matplotlib if it is there."""
     fanouts = [fo for fo in ("1", "10", "50") if _get(r, "e2e", fo)]
-    if not fanouts:
+    obvious = _get(r, "obvious", "deliveries_per_s")
+    if not fanouts and obvious is None:
         return None
     values = [r["e2e"][fo]["deliveries_per_s"] for fo in fanouts]
     egress = _get(r, "egress", "posts_per_s")
@@ -471,13 +501,21 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
         from bench.png import bar_chart
 
         print("matplotlib is not installed (pip install '.[bench]'): drawing a plain chart")
-        return bar_chart(path, values, egress, egress * E2E_RATIO if egress else None)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        return bar_chart(path, values + ([obvious] if obvious is not None else []), egress,
+                         egress * E2E_RATIO if egress else None)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=110)
     bars = ax.bar([f"fan-out {fo}" for fo in fanouts], values, color="#1f77b4",
-                  label="end to end (ingress -> Redis -> workers -> sinks)")
+                  label="hub, end to end (ingress -> Redis -> workers -> sinks)")
     for bar, v in zip(bars, values, strict=True):
         ax.annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
                     va="bottom", fontsize=9)
+    if obvious is not None:
+        bar = ax.bar(["obvious design\nfan-out 10"], [obvious], color="#ff7f0e",
+                     label="obvious design: a Celery task per delivery, requests")[0]
+        multiple = obvious_multiple(r)
+        ax.annotate(f"{obvious:,.0f}" + (f"\n(hub {multiple:,.1f} x)" if multiple else ""),
+                    (bar.get_x() + bar.get_width() / 2, obvious), ha="center", va="bottom",
+                    fontsize=9)
     if egress:
         ax.axhline(egress, color="grey", linestyle="--",
                    label=f"raw aiohttp egress ceiling ({egress:,.0f}/s)")
@@ -491,7 +529,7 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
     ax.set_title(f"Deliveries/s against fan-out ({m.get('nproc')} cores{load}, "
                  f"{m.get('date', '')})", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_ylim(0, max([*values, egress or 0]) * 1.25)
+    ax.set_ylim(0, max([*values, obvious or 0, egress or 0]) * 1.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -35,6 +35,7 @@ from typing import Any
 
 from bench import report
 from bench.hub import Ingress, Sinks, Worker, hub_keys, write_config
+from bench.obvious.procs import ObviousDesign
 from bench.procs import (
     ROOT,
     Proc,
@@ -52,7 +53,9 @@ from relay.queue import read_deliver_message
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
-PHASES = ("ceiling", "ingress", "egress", "e2e", "steady", "long")
+PHASES = ("ceiling", "ingress", "egress", "e2e", "steady", "obvious", "long")
+#: The obvious design is compared with the hub at this fan-out.
+OBVIOUS_FANOUT = 10
 
 
 class Plan:
@@ -75,6 +78,9 @@ class Plan:
         self.steady_rates: tuple[float, ...] = (50.0,) if smoke else (50.0, 200.0)
         self.steady_seconds = 0.6 if smoke else 10.0
         self.steady_idle_seconds = 0.3 if smoke else 5.0
+        #: The obvious design (bench/obvious/): events at fan-out 10, warm-up events.
+        self.obvious_events = 5 if smoke else 400
+        self.obvious_warmup = 2 if smoke else 10
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -562,6 +568,63 @@ class Bench:
             flame_svg(raw, prof_dir / f"{tag}-{proc}.svg", f"{proc} under a steady stream "
                       f"({tag.removeprefix('steady-').replace('-', ', ')} events/s)")
 
+    # -- the obvious design, as a reference ---------------------------------------------------
+
+    def obvious_phase(self) -> None:
+        """The obvious design (bench/obvious/) end to end at fan-out 10, measured like the
+        hub's fan-out phase: same load generator, sinks, Redis server, pool and concurrency."""
+        assert self.redis is not None and self.sinks is not None
+        fanout = OBVIOUS_FANOUT
+        n = self.plan.obvious_events
+        expected = n * fanout
+        design = ObviousDesign(f"redis://127.0.0.1:{self.redis.port}/1", self.sinks, fanout,
+                               self.args.pool, self.args.concurrency, self.log_dir)
+        self.sampler.watch("obvious-ingress", design.ingress.pid)
+        self.sampler.watch("obvious-worker", design.worker.pid)
+        try:
+            design.warm_up(self.sinks, fanout, "warm-obv-", self.plan.obvious_warmup)
+            r, mark = self.measured("obvious", [design.url], "obv-", n)
+            stats = self.sinks.wait_count(expected, max(120.0, expected / 20))
+            cores = self.cpu_used(mark, r)
+        finally:
+            self.sampler.sample()
+            self.sampler.unwatch("obvious-ingress")
+            self.sampler.unwatch("obvious-worker")
+            design.stop()
+            self.sinks.reset()
+            self.flush()
+        # In the CPU table its processes stand in the hub's columns; the hub's ingress,
+        # idle meanwhile, is kept apart.
+        cpu = {k: v for k, v in cores.items() if not k.startswith(("ingress", "obvious-"))}
+        cpu.update({k.removeprefix("obvious-"): v for k, v in cores.items()
+                    if k.startswith("obvious-")})
+        cpu["hub_ingress_idle"] = cores.get("ingress", 0.0)
+        accepted = r["statuses"].get("202", 0)
+        seconds = stats["last"] - r["t_start"]
+        complete = stats["distinct"] >= expected and accepted == n
+        if not complete:
+            self.failures.append(f"obvious design: {stats['distinct']} of {expected} "
+                                 f"deliveries received, {accepted} of {n} events accepted")
+        self.results["obvious"] = {
+            "design": "Celery task per (event, subscriber), requests, retry by countdown, "
+                      "no batching (bench/obvious/)",
+            "fanout": fanout, "events": n, "accepted": accepted, "expected": expected,
+            "received": stats["distinct"], "duplicates": stats["count"] - stats["distinct"],
+            "complete": complete, "seconds": round(seconds, 3),
+            "deliveries_per_s": round(rate(stats["distinct"], seconds), 1),
+            "events_per_s": round(rate(n, seconds), 1),
+            "ingest_seconds": round(r["t_end"] - r["t_start"], 3),
+            "ingest_events_per_s": round(rate(accepted, r["t_end"] - r["t_start"]), 1),
+            "pool": self.args.pool, "concurrency": self.args.concurrency,
+            "cpu_cores": cpu,
+        }
+        o = self.results["obvious"]
+        hub = self.results.get("e2e", {}).get(str(fanout), {}).get("deliveries_per_s")
+        self.say(f"obvious design, fan-out {fanout}: {o['deliveries_per_s']:.0f} deliveries/s "
+                 f"({stats['distinct']}/{expected} in {seconds:.2f}s)"
+                 + (f"; the hub's {hub:.0f} is {hub / o['deliveries_per_s']:.1f} x that"
+                    if hub and o["deliveries_per_s"] else ""))
+
     def long_run(self) -> None:
         assert self.ingress is not None and self.sinks is not None
         deliveries = self.args.long if self.args.long is not None else self.plan.long_deliveries
@@ -719,6 +782,8 @@ class Bench:
                 self.egress_ceiling()
             if "e2e" in phases or "steady" in phases:
                 self.fanout_phase("e2e" in phases, "steady" in phases)
+            if "obvious" in phases:
+                self.obvious_phase()
             if "long" in phases:
                 self.long_run()
         finally:
@@ -870,7 +935,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
     p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of " + ",".join(PHASES) + " (steady: lone "
-                        "events at a steady rate)")
+                        "events at a steady rate; obvious: the obvious design at fan-out 10)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile with py-spy the ingress at saturation, the worker at "
                         "fan-out 1 and 10, and both during each steady stream; flame graphs "
@@ -880,6 +945,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 50,200; smoke 50)")
     p.add_argument("--steady-seconds", type=float, default=None, metavar="S",
                    help="length of each steady stream (default 10, smoke 0.6)")
+    p.add_argument("--obvious-events", type=int, default=None, metavar="N",
+                   help="events sent to the obvious design at fan-out 10 (default 400, "
+                        "smoke 5)")
     p.add_argument("--stress", action="store_true",
                    help="run everything (ceilings included) under stress-ng --cpu N "
                         "--cpu-load P: a slower, busier machine; needs stress-ng "
@@ -916,6 +984,8 @@ def main(argv: list[str] | None = None) -> int:
         plan.steady_rates = tuple(float(x) for x in args.steady_rates.split(",") if x)
     if args.steady_seconds:
         plan.steady_seconds = args.steady_seconds
+    if args.obvious_events:
+        plan.obvious_events = args.obvious_events
     # A run under --stress keeps its own results beside the unstressed ones.
     suffix = "-stress" if args.stress else ""
     if args.out or args.smoke:

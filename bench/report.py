@@ -302,7 +302,8 @@ def steady_rows(r: dict[str, Any]) -> list[list[str]]:
         out.append([
             str(s["fanout"]), f"{s['events_per_s']:g}",
             f"{s['deliveries']:,}/{s['expected']:,}",
-            f"{_n(s.get('p50_ms'), '', 1)} / {_n(s.get('p99_ms'), ' ms', 1)}",
+            f"{_n(s.get('p50_ms'), '', 1)} / {_n(s.get('p99_ms'), ' ms', 1)}"
+            + (" (queued)" if s.get("queued") else ""),
             _n(hub), _n(us.get("ingress")),
             f"{_n(us.get('worker'))} ({_n(us.get('worker:main'))})", _n(us.get("redis")),
             _n(s.get("idle_floor_us_per_delivery")),
@@ -335,7 +336,9 @@ def steady_markdown(r: dict[str, Any]) -> str:
            "the figure before it. x saturation: against the end-to-end run at the same "
            "fan-out; x egress: against the egress ceiling's client CPU per post. Redis "
            "calls/delivery: from INFO commandstats, commands run inside Lua scripts counted "
-           "under their own names.", "",
+           "under their own names. (queued): the median latency of the stream's last quarter "
+           "was over twice its first quarter's and over 100 ms, i.e. the hub did not keep up "
+           "and a backlog grew.", "",
            "| " + " | ".join(STEADY_HEADER) + " |", "|" + "---|" * len(STEADY_HEADER)]
     out += ["| " + " | ".join(row) + " |" for row in body]
     if idle_text:

@@ -454,8 +454,7 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     if r.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
-    lines.append(steady_markdown(r))
-    lines.append(_steady_profile_markdown(r))
+    lines += [part for part in (steady_markdown(r), _steady_profile_markdown(r)) if part]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))

@@ -26,7 +26,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check relay workers tests bench
 	$(BIN)/mypy relay workers
 
-# The bench also needs the bench extra (matplotlib for the chart, py-spy for --profile).
+# The bench also needs the bench extra (matplotlib for the chart, py-spy for --profile,
+# requests for the obvious design it is compared with). Knobs go in BENCH_ARGS, e.g.
+#   make bench BENCH_ARGS="--stress"     the whole run under stress-ng --cpu 2 --cpu-load 60
+#                                        (apt-get install -y stress-ng; --stress-load/--stress-cpus)
+#   make bench BENCH_ARGS="--phases steady --profile var/prof"   lone events, profiled
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)

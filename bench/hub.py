@@ -88,6 +88,15 @@ def write_config(path: Path, redis_url: str, ingress_port: int, subscribers: lis
     return path
 
 
+def hub_keys(config: Path) -> Any:
+    """The hub's Redis key layout for ``config``, as the hub itself builds it (``relay.keys``
+    with the queue named in the config): the bench never spells a key of the hub itself."""
+    from relay.config import load_config
+    from relay.keys import Keys
+
+    return Keys(queue=load_config(config).worker.queue)
+
+
 def relay_proc(name: str, config: Path, command: str, log_dir: Path) -> Proc:
     return Proc(name, python_cmd("-m", "relay.cli", "--log-level", "WARNING", "--config",
                                  str(config), command), log_dir)

@@ -7,11 +7,17 @@ from typing import Any
 
 BEGIN = "<!-- bench:begin (written by python -m bench.run; edits inside are overwritten) -->"
 END = "<!-- bench:end -->"
+#: A run under --stress has its own block, so the unstressed one stays beside it.
+STRESS_BEGIN = ("<!-- bench:stress:begin (written by python -m bench.run --stress; edits "
+                "inside are overwritten) -->")
+STRESS_END = "<!-- bench:stress:end -->"
 
 INGRESS_RATIO = 0.5
 E2E_RATIO = 0.45
 P99_MS = 50.0
 RSS_DRIFT = 0.10
+#: The hub's deliveries/s at fan-out 10 against the obvious design's (bench/obvious/).
+OBVIOUS_MULTIPLE = 10.0
 
 
 def _get(d: Any, *keys: str) -> Any:
@@ -41,12 +47,22 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": f"p99 ingress-202 -> sink at half load, fan-out {fo} <= 50 ms",
                     "value": p99, "target": f"<= {P99_MS:g} ms",
                     "pass": None if p99 is None else p99 <= P99_MS})
+    multiple = obvious_multiple(r)
+    out.append({"name": "hub deliveries/s at fan-out 10 >= 10 x the obvious design's",
+                "value": multiple, "target": f">= {OBVIOUS_MULTIPLE:g} x",
+                "pass": None if multiple is None else multiple >= OBVIOUS_MULTIPLE})
     for role in ("worker", "ingress"):
         change = _get(r, "long", role, "change")
         out.append({"name": f"{role} RSS flat over the long run (last vs first quarter)",
                     "value": change, "target": f"within +-{RSS_DRIFT:.0%}",
                     "pass": None if change is None else abs(change) <= RSS_DRIFT})
     return out
+
+
+def obvious_multiple(r: dict[str, Any]) -> float | None:
+    """The hub's end-to-end deliveries/s at fan-out 10 over the obvious design's."""
+    return _ratio(_get(r, "e2e", "10", "deliveries_per_s"),
+                  _get(r, "obvious", "deliveries_per_s"))
 
 
 def _verdict(ok: bool | None) -> str:
@@ -108,6 +124,18 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
                     f"{e['received']:,}/{e['expected']:,} delivered{dup})",
                     _n(e["deliveries_per_s"], " deliveries/s"), _n(egress, " posts/s"),
                     _n(ratio, "", 2), target, result])
+    obv = r.get("obvious")
+    if obv:
+        tt = t["hub deliveries/s at fan-out 10 >= 10 x the obvious design's"]
+        dup = f", {obv['duplicates']:,} duplicates" if obv.get("duplicates") else ""
+        multiple = obvious_multiple(r)
+        out.append([f"obvious design, fan-out 10: a Celery task per delivery, requests, "
+                    f"no batching ({obv['events']:,} events, "
+                    f"{obv['received']:,}/{obv['expected']:,} delivered{dup})",
+                    _n(obv["deliveries_per_s"], " deliveries/s"),
+                    _n(_get(r, "e2e", "10", "deliveries_per_s"), " deliveries/s (hub)"),
+                    "" if multiple is None else f"hub {multiple:,.1f} x",
+                    tt["target"] + " (hub)", _verdict(tt["pass"])])
     for fo in ("1", "10"):
         lat = _get(r, "latency", fo)
         if not lat:
@@ -154,12 +182,20 @@ def table_text(r: dict[str, Any]) -> str:
         out.append(f"{_verdict(t['pass']):4}  {t['name']}: {t['value']}")
     cpu = cpu_rows(r)
     if cpu:
-        head = ["cores used", *CPU_ROLES, "total", "CPU us/item"]
-        widths = [max(len(row[i]) for row in [head, *cpu]) for i in range(len(head))]
+        head = ["cores used", *cpu_roles(r), "total", "CPU us/item"]
         out.append("")
-        out += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
-                for row in [head, *cpu]]
+        out += _columns([head, *cpu])
+    steady = steady_rows(r)
+    if steady:
+        out += ["", "steady stream of lone events (CPU us per delivery)"]
+        out += _columns([STEADY_HEADER, *steady])
     return "\n".join(out)
+
+
+def _columns(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+            for row in table]
 
 
 def table_markdown(r: dict[str, Any]) -> str:
@@ -173,6 +209,15 @@ CPU_ROLES = ("bare", "ingress", "worker", "worker:main", "redis", "sink0", "load
 _SERVING = ("bare", "ingress", "worker", "redis")
 
 
+def cpu_roles(r: dict[str, Any]) -> tuple[str, ...]:
+    """The CPU table's columns: stress-ng's too in a run under --stress."""
+    return (*CPU_ROLES, "stress") if _get(r, "meta", "stress") else CPU_ROLES
+
+
+def _steady_runs(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(_get(r, "steady", "runs") or [])
+
+
 def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
     """[phase, cores per role..., total]: where the machine's cores went in each phase."""
     phases: list[tuple[str, dict[str, float] | None, float | None]] = [
@@ -184,12 +229,18 @@ def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
         ("egress ceiling", _get(r, "egress", "cpu_cores"), _get(r, "egress", "posts_per_s")),
     ] + [(f"end to end fan-out {fo}", _get(r, "e2e", fo, "cpu_cores"),
           _get(r, "e2e", fo, "deliveries_per_s")) for fo in ("1", "10", "50")]
+    phases += [(f"steady {s['events_per_s']:g} events/s, fan-out {s['fanout']}",
+                s.get("cpu_cores"), s["deliveries"] / s["seconds"] if s["seconds"] else None)
+               for s in _steady_runs(r)]
+    phases.append(("obvious design fan-out 10", _get(r, "obvious", "cpu_cores"),
+                   _get(r, "obvious", "deliveries_per_s")))
+    roles = cpu_roles(r)
     out = []
     for name, cores, per_s in phases:
         if not cores:
             continue
-        cells = [f"{cores[k]:.2f}" if k in cores else "" for k in CPU_ROLES]
-        total = sum(v for k, v in cores.items() if ":" not in k)
+        cells = [f"{cores[k]:.2f}" if k in cores else "" for k in roles]
+        total = sum(v for k, v in cores.items() if ":" not in k and k != "hub_ingress_idle")
         # CPU time per item of the serving processes (for the egress ceiling: the client's).
         serving = (cores.get("loadgen", 0.0) if name.startswith("egress")
                    else sum(cores.get(k, 0.0) for k in _SERVING))
@@ -202,14 +253,96 @@ def cpu_markdown(r: dict[str, Any]) -> str:
     body = cpu_rows(r)
     if not body:
         return ""
-    head = ["phase", *[c.replace("sink0", "sinks") for c in CPU_ROLES], "total", "CPU µs/item"]
+    head = ["phase", *[c.replace("sink0", "sinks") for c in cpu_roles(r)], "total",
+            "CPU µs/item"]
     out = ["", "CPU used in each phase, in cores (2 = the whole machine), from /proc/<pid>/stat "
            "of each process tree (the load generator's from its own process time; "
            "`worker:main` is Celery's main process, included in `worker`). CPU µs/item: CPU "
            "time of the serving processes (bare or ingress + worker + redis; for the egress "
-           "ceiling the client's) per request, event or delivery: less noisy than rates.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+           "ceiling the client's) per request, event or delivery: less noisy than rates. "
+           "The steady rows are the trickles below (per delivery); in the obvious design's "
+           "row its own ingress and worker stand in the hub's columns (the hub's ingress sat "
+           "idle meanwhile)."
+           + (" `stress`: stress-ng, the competing load." if "stress" in cpu_roles(r) else ""),
+           "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
+STEADY_HEADER = ["fan-out", "events/s", "delivered", "202 -> sink p50 / p99",
+                 "hub CPU µs/delivery", "ingress", "worker (main)", "redis", "idle floor",
+                 "x saturation", "x egress CPU/post", "Redis calls/delivery"]
+
+
+def _saturation_us(r: dict[str, Any], fanout: str) -> float | None:
+    """The hub's CPU µs per delivery at saturation (end to end) at ``fanout``."""
+    cores = _get(r, "e2e", fanout, "cpu_cores")
+    per_s = _get(r, "e2e", fanout, "deliveries_per_s")
+    if not cores or not per_s:
+        return None
+    return sum(cores.get(k, 0.0) for k in ("ingress", "worker", "redis")) / per_s * 1e6
+
+
+def _egress_us(r: dict[str, Any]) -> float | None:
+    """The egress ceiling's client CPU µs per post."""
+    cores = _get(r, "egress", "cpu_cores", "loadgen")
+    per_s = _get(r, "egress", "posts_per_s")
+    return cores / per_s * 1e6 if cores and per_s else None
+
+
+def steady_rows(r: dict[str, Any]) -> list[list[str]]:
+    out = []
+    egress = _egress_us(r)
+    for s in _steady_runs(r):
+        us = s.get("cpu_us_per_delivery") or {}
+        hub = s.get("hub_cpu_us_per_delivery")
+        sat = _saturation_us(r, str(s["fanout"]))
+        calls = ", ".join(f"{k} {v:g}" for k, v in
+                          list((s.get("redis_calls_per_delivery") or {}).items())[:5])
+        out.append([
+            str(s["fanout"]), f"{s['events_per_s']:g}",
+            f"{s['deliveries']:,}/{s['expected']:,}",
+            f"{_n(s.get('p50_ms'), '', 1)} / {_n(s.get('p99_ms'), ' ms', 1)}"
+            + (" (queued)" if s.get("queued") else ""),
+            _n(hub), _n(us.get("ingress")),
+            f"{_n(us.get('worker'))} ({_n(us.get('worker:main'))})", _n(us.get("redis")),
+            _n(s.get("idle_floor_us_per_delivery")),
+            f"{hub / sat:.1f} x" if hub and sat else "",
+            f"{hub / egress:.1f} x" if hub and egress else "",
+            calls])
+    return out
+
+
+def steady_markdown(r: dict[str, Any]) -> str:
+    body = steady_rows(r)
+    if not body:
+        return ""
+    st = r["steady"]
+    idle = st.get("idle") or {}
+    idle_text = "; ".join(
+        f"fan-out {fo}: {sum(v for k, v in i['cores'].items() if k in _SERVING) * 1000:.1f} "
+        f"ms per second, Redis "
+        + (", ".join(f"{k} {v:g}/s" for k, v in list(i["redis_calls_per_s"].items())[:4])
+           or "idle")
+        for fo, i in idle.items())
+    out = ["", "### Steady stream of lone events", "",
+           f"Open loop, one event per request, at each rate for {st.get('seconds', '?')} s, on "
+           "the worker of the fan-out phase (after its saturation runs)"
+           + (", sampled by py-spy meanwhile" if st.get("profiled") else "")
+           + ". Hub CPU µs/delivery: CPU time of the ingress, the worker (all processes; its "
+           "main process, Celery's consumer and the scheduler, in brackets) and redis-server "
+           "over the stream, per delivery received. Idle floor: what those processes burn with "
+           "no events at all (measured first), spread over the same deliveries; it is part of "
+           "the figure before it. x saturation: against the end-to-end run at the same "
+           "fan-out; x egress: against the egress ceiling's client CPU per post. Redis "
+           "calls/delivery: from INFO commandstats, commands run inside Lua scripts counted "
+           "under their own names. (queued): the median latency of the stream's last quarter "
+           "was over twice its first quarter's and over 100 ms, i.e. the hub did not keep up "
+           "and a backlog grew.", "",
+           "| " + " | ".join(STEADY_HEADER) + " |", "|" + "---|" * len(STEADY_HEADER)]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    if idle_text:
+        out += ["", f"With no events (idle floor): {idle_text}."]
     return "\n".join(out)
 
 
@@ -248,19 +381,70 @@ def _profile_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def steady_tag(fanout: int | str, events_per_s: float) -> str:
+    """The name of a steady stream's profiles: ``steady-fo{fanout}-{events/s}``."""
+    return f"steady-fo{fanout}-{float(events_per_s):g}"
+
+
+def _steady_profile_markdown(r: dict[str, Any]) -> str:
+    """Each process's CPU per delivery in a steady stream, split by py-spy's stages."""
+    prof = r.get("profile") or {}
+    out: list[str] = []
+    for proc, label in (("worker", "Worker (all processes)"), ("ingress", "Ingress")):
+        cols = []
+        for s in _steady_runs(r):
+            p = prof.get(f"{steady_tag(s['fanout'], s['events_per_s'])}-{proc}")
+            us = (s.get("cpu_us_per_delivery") or {}).get(proc)
+            if p and us and p.get("by_stage"):
+                cols.append((f"fan-out {s['fanout']}, {s['events_per_s']:g}/s",
+                             dict(map(tuple, p["by_stage"])), us, p["samples"]))
+        if not cols:
+            continue
+        if not out:
+            out = ["", "**Where a lone event's CPU goes** (py-spy during the steady streams): "
+                   "each process's CPU µs per delivery split by the share of its busy samples "
+                   "in each stage (an estimate: py-spy's shares of the processes' measured "
+                   "CPU time).", ""]
+        stages = sorted({k for _, by, _, _ in cols for k in by},
+                        key=lambda k: -max(by.get(k, 0.0) for _, by, _, _ in cols))
+        out.append(f"{label}, µs per delivery (% of busy samples)")
+        out.append("")
+        out.append("| stage | " + " | ".join(c[0] for c in cols) + " |")
+        out.append("|---|" + "---|" * len(cols))
+        out.append("| **all** | " + " | ".join(f"**{us:,.0f}** ({n:,} samples)"
+                                               for _, _, us, n in cols) + " |")
+        for stage in stages:
+            out.append(f"| {stage} | " + " | ".join(
+                f"{by.get(stage, 0.0) * us / 100:,.0f} ({by.get(stage, 0.0):g}%)"
+                for _, by, us, _ in cols) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def stress_text(r: dict[str, Any]) -> str:
+    st = _get(r, "meta", "stress")
+    if not st:
+        return ""
+    return (f"under `{st['command']}` for the whole run (ceilings included: "
+            f"{st['cpus']} CPU worker(s), each busy {st['cpu_load_percent']}% of the time)")
+
+
 def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     m = r.get("meta", {})
     redis = m.get("redis", {})
+    stressed = stress_text(r)
     lines = [
-        BEGIN,
-        f"## Latest run: {m.get('date', '?')}",
+        STRESS_BEGIN if stressed else BEGIN,
+        (f"## Latest run under competing load: {m.get('date', '?')}" if stressed
+         else f"## Latest run: {m.get('date', '?')}"),
         "",
         f"`{m.get('command', 'python -m bench.run')}` on {m.get('nproc')} cores "
         f"({m.get('cpu')}), Python {m.get('python')}, aiohttp {m.get('aiohttp')}, "
         f"Celery {m.get('celery')}, redis-server {redis.get('version', '?')} "
         f"(appendonly {redis.get('appendonly', '?')}, appendfsync "
         f"{redis.get('appendfsync', '?')}), commit {m.get('commit')}, load average at start "
-        f"{m.get('loadavg_at_start')}, {m.get('bench_seconds', '?')} s in all.",
+        f"{m.get('loadavg_at_start')}, {m.get('bench_seconds', '?')} s in all"
+        + (f", {stressed}" if stressed else "") + ".",
         "",
         table_markdown(r),
         "",
@@ -270,10 +454,11 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     if r.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
+    lines += [part for part in (steady_markdown(r), _steady_profile_markdown(r)) if part]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))
-    lines.append(END)
+    lines.append(STRESS_END if stressed else END)
     return "\n".join(lines)
 
 
@@ -288,10 +473,11 @@ absolute figures noisy. `python -m bench.run --help` lists the knobs; `--smoke` 
 def write_markdown(r: dict[str, Any], path: Path, chart: Path | None) -> Path:
     """Replace the generated block of ``path`` (or create it); text outside is kept."""
     block = block_markdown(r, chart)
-    text = path.read_text() if path.exists() else INTRO + "\n" + BEGIN + "\n" + END + "\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    begin, end = (STRESS_BEGIN, STRESS_END) if stress_text(r) else (BEGIN, END)
+    text = path.read_text() if path.exists() else INTRO + "\n" + begin + "\n" + end + "\n"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
@@ -300,9 +486,11 @@ def write_markdown(r: dict[str, Any], path: Path, chart: Path | None) -> Path:
 
 
 def chart(r: dict[str, Any], path: Path) -> Path | None:
-    """Deliveries/s against fan-out, with the egress ceiling; matplotlib if it is there."""
+    """Deliveries/s against fan-out, with the egress ceiling and the obvious design at fan-out
+    10 beside the hub's; matplotlib if it is there."""
     fanouts = [fo for fo in ("1", "10", "50") if _get(r, "e2e", fo)]
-    if not fanouts:
+    obvious = _get(r, "obvious", "deliveries_per_s")
+    if not fanouts and obvious is None:
         return None
     values = [r["e2e"][fo]["deliveries_per_s"] for fo in fanouts]
     egress = _get(r, "egress", "posts_per_s")
@@ -315,13 +503,21 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
         from bench.png import bar_chart
 
         print("matplotlib is not installed (pip install '.[bench]'): drawing a plain chart")
-        return bar_chart(path, values, egress, egress * E2E_RATIO if egress else None)
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+        return bar_chart(path, values + ([obvious] if obvious is not None else []), egress,
+                         egress * E2E_RATIO if egress else None)
+    fig, ax = plt.subplots(figsize=(7.6, 4.2), dpi=110)
     bars = ax.bar([f"fan-out {fo}" for fo in fanouts], values, color="#1f77b4",
-                  label="end to end (ingress -> Redis -> workers -> sinks)")
+                  label="hub, end to end (ingress -> Redis -> workers -> sinks)")
     for bar, v in zip(bars, values, strict=True):
         ax.annotate(f"{v:,.0f}", (bar.get_x() + bar.get_width() / 2, v), ha="center",
                     va="bottom", fontsize=9)
+    if obvious is not None:
+        bar = ax.bar(["obvious design\nfan-out 10"], [obvious], color="#ff7f0e",
+                     label="obvious design: a Celery task per delivery, requests")[0]
+        multiple = obvious_multiple(r)
+        ax.annotate(f"{obvious:,.0f}" + (f"\n(hub {multiple:,.1f} x)" if multiple else ""),
+                    (bar.get_x() + bar.get_width() / 2, obvious), ha="center", va="bottom",
+                    fontsize=9)
     if egress:
         ax.axhline(egress, color="grey", linestyle="--",
                    label=f"raw aiohttp egress ceiling ({egress:,.0f}/s)")
@@ -329,10 +525,13 @@ def chart(r: dict[str, Any], path: Path) -> Path | None:
                    label=f"target at fan-out 10: {E2E_RATIO} x ceiling")
     ax.set_ylabel("deliveries/s")
     m = r.get("meta", {})
-    ax.set_title(f"Deliveries/s against fan-out ({m.get('nproc')} cores, {m.get('date', '')})",
-                 fontsize=10)
+    stress = _get(r, "meta", "stress")
+    load = (f", under stress-ng --cpu {stress['cpus']} --cpu-load {stress['cpu_load_percent']}"
+            if stress else "")
+    ax.set_title(f"Deliveries/s against fan-out ({m.get('nproc')} cores{load}, "
+                 f"{m.get('date', '')})", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
-    ax.set_ylim(0, max([*values, egress or 0]) * 1.25)
+    ax.set_ylim(0, max([*values, obvious or 0, egress or 0]) * 1.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.hub import Ingress, Sinks, Worker, write_config
+from bench.hub import Ingress, Sinks, Worker, hub_keys, write_config
+from bench.obvious.procs import ObviousDesign
 from bench.procs import (
     ROOT,
     Proc,
@@ -44,10 +46,16 @@ from bench.procs import (
     run_loadgen,
     wait_http,
 )
+from bench.stress import INSTALL as STRESS_INSTALL
+from bench.stress import Stress
 from relay.queue import read_deliver_message
 
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
+STEADY_FANOUTS = (1, 10)
+PHASES = ("ceiling", "ingress", "egress", "e2e", "steady", "obvious", "long")
+#: The obvious design is compared with the hub at this fan-out.
+OBVIOUS_FANOUT = 10
 
 
 class Plan:
@@ -65,6 +73,14 @@ class Plan:
         self.deadline = 60.0 if smoke else 300.0
         #: Alternating rounds of the ceiling and the ingress (each figure: the median round).
         self.rounds = 1 if smoke else 3
+        #: Steady stream of lone events: offered events/s, seconds of each, and the idle
+        #: window (no events) measured first, the floor every event/s shares.
+        self.steady_rates: tuple[float, ...] = (50.0,) if smoke else (50.0, 200.0)
+        self.steady_seconds = 0.6 if smoke else 10.0
+        self.steady_idle_seconds = 0.3 if smoke else 5.0
+        #: The obvious design (bench/obvious/): events at fan-out 10, warm-up events.
+        self.obvious_events = 5 if smoke else 400
+        self.obvious_warmup = 2 if smoke else 10
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -86,6 +102,38 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
     return sorted_values[min(len(sorted_values) - 1, int(p * len(sorted_values)))]
 
 
+def matched_latencies(records: list[Any], receipts: list[Any]
+                      ) -> tuple[int, list[tuple[float, float]]]:
+    """(events answered 202, [(202 time, ms from the 202 to the sink's receipt)] of every
+    delivery of those events, in 202 order), from the load generator's records
+    ``[eventId, t, status]`` and the sinks' receipts ``[eventId, path, t]`` (same clock)."""
+    accepted_at = {eid: t for eid, t, status in records if status == 202}
+    pairs = sorted((accepted_at[eid], (t - accepted_at[eid]) * 1000)
+                   for eid, _path, t in receipts if eid in accepted_at)
+    return len(accepted_at), pairs
+
+
+def redis_calls(client: Any) -> dict[str, tuple[int, int]]:
+    """{command: (calls, usec)} so far, from INFO commandstats (commands run inside Lua
+    scripts are counted too, under their own names)."""
+    out = {}
+    for name, stat in client.info("commandstats").items():
+        if isinstance(stat, dict) and "calls" in stat:
+            out[name.removeprefix("cmdstat_")] = (int(stat["calls"]), int(stat["usec"]))
+    return out
+
+
+def calls_between(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+                  ) -> dict[str, tuple[int, int]]:
+    """Commands run between two ``redis_calls`` snapshots (the bench's own INFO left out)."""
+    out = {}
+    for name, (calls, usec) in after.items():
+        c0, u0 = before.get(name, (0, 0))
+        if calls > c0 and name != "info":
+            out[name] = (calls - c0, usec - u0)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace, plan: Plan, log_dir: Path) -> None:
         self.args = args
@@ -103,6 +151,8 @@ class Bench:
         self.failures: list[str] = []
         self.bare: Proc | None = None
         self.bare_url = ""
+        self.keys: Any = None  # relay.keys.Keys of the hub's config, once it is written
+        self.stress: Stress | None = None
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -196,12 +246,13 @@ class Bench:
         r, mark = self.measured(f"ingress-{fsync}", [url], f"ing-{fsync}-{round_no}-", n)
         cpu = self.cpu_used(mark, r)
         accepted = r["statuses"].get("202", 0)
+        keys = self.keys
         with contextlib.closing(self.redis.client()) as c:
-            stored = sum(1 for _ in c.scan_iter(match="relay:event:*", count=5000))
-            seen = sum(1 for _ in c.scan_iter(match="relay:seen:*", count=5000))
+            stored = sum(1 for _ in c.scan_iter(match=keys.event("*"), count=5000))
+            seen = sum(1 for _ in c.scan_iter(match=keys.seen("*"), count=5000))
             # One fan-out message per group-committed batch: count the events they name.
             queued, messages = 0, 0
-            for raw in c.lrange("relay", 0, -1):
+            for raw in c.lrange(keys.queue, 0, -1):
                 ids = read_deliver_message(raw).event_id
                 queued += 1 if isinstance(ids, str) else len(ids)
                 messages += 1
@@ -273,7 +324,12 @@ class Bench:
         worker = Worker(name, self.config(name, fanout), self.log_dir)
         self.sampler.watch(name, worker.pid)
         self.sampler.watch("worker", worker.pid)
-        worker.warm_up(self.ingress, self.sinks, fanout, f"warm-{name}-", self.plan.warmup)
+        try:
+            worker.warm_up(self.ingress, self.sinks, fanout, f"warm-{name}-", self.plan.warmup)
+        except BaseException:  # a failed warm-up, Ctrl-C: the caller never gets it to stop
+            with contextlib.suppress(Exception):
+                self.stop_worker(name, worker)
+            raise
         return worker
 
     def stop_worker(self, name: str, worker: Worker) -> None:
@@ -327,9 +383,7 @@ class Bench:
         finally:
             self.sinks.record(False)
             self.sinks.reset()
-        accepted_at = {eid: t for eid, t, status in r["records"] if status == 202}
-        pairs = sorted((accepted_at[eid], (t - accepted_at[eid]) * 1000)
-                       for eid, _path, t in receipts if eid in accepted_at)
+        accepted, pairs = matched_latencies(r["records"], receipts)
         lat = sorted(ms for _, ms in pairs)
         # Median latency of the first and last quarter of the sends: a rise means the offered
         # load was above what the hub managed at that moment (a backlog grew), not jitter.
@@ -340,7 +394,7 @@ class Bench:
         out = {
             "fanout": fanout, "events_per_s": round(events_per_s, 1),
             "deliveries_per_s": round(events_per_s * fanout, 1), "events": n,
-            "accepted": len(accepted_at), "deliveries": len(lat),
+            "accepted": accepted, "deliveries": len(lat),
             "expected": n * fanout,
             "p50_ms": round(p50, 2) if p50 is not None else None,
             "p90_ms": round(percentile(lat, 0.9) or 0, 2) if lat else None,
@@ -358,22 +412,229 @@ class Bench:
                  f"p50 {out['p50_ms']} ms, p99 {out['p99_ms']} ms")
         return out
 
-    def fanout_phase(self) -> None:
-        self.results["e2e"] = {}
-        self.results["latency"] = {}
+    def fanout_phase(self, e2e_phase: bool, steady_phase: bool) -> None:
+        """One worker per fan-out: end to end at saturation, latency at half that rate
+        (``e2e``) and the steady stream of lone events (``steady``), on the same worker."""
+        if e2e_phase:
+            self.results["e2e"] = {}
+            self.results["latency"] = {}
+        if steady_phase:
+            self.results["steady"] = {"rates": list(self.plan.steady_rates),
+                                      "seconds": self.plan.steady_seconds,
+                                      "profiled": self.args.profile is not None,
+                                      "idle": {}, "runs": []}
         for fanout in FANOUTS:
+            steady = steady_phase and fanout in STEADY_FANOUTS
+            if not (e2e_phase or steady):
+                continue
             name = f"worker-fo{fanout}"
             worker = self.start_worker(name, fanout)
             try:
-                e2e = self.end_to_end(fanout, worker)
-                self.results["e2e"][str(fanout)] = e2e
-                if fanout in LATENCY_FANOUTS and e2e["deliveries_per_s"] > 0:
-                    self.results["latency"][str(fanout)] = self.latency(
-                        fanout, e2e["deliveries_per_s"])
-                if self.args.profile and fanout in (1, 10):
-                    self.profile_worker(worker, fanout)
+                if e2e_phase:
+                    e2e = self.end_to_end(fanout, worker)
+                    self.results["e2e"][str(fanout)] = e2e
+                    if fanout in LATENCY_FANOUTS and e2e["deliveries_per_s"] > 0:
+                        self.results["latency"][str(fanout)] = self.latency(
+                            fanout, e2e["deliveries_per_s"])
+                    if self.args.profile and fanout in (1, 10):
+                        self.profile_worker(worker, fanout)
+                if steady:
+                    self.steady(fanout, worker)
             finally:
                 self.stop_worker(name, worker)
+
+    # -- the steady stream of lone events ---------------------------------------------------
+
+    def cpu_seconds(self, before: Any, after: Any) -> dict[str, float]:
+        """CPU seconds per process tree between two ``sampler.cpu()`` snapshots."""
+        return {role: after[1][role] - before[1][role] for role in after[1]
+                if role in before[1] and not role.startswith("worker-")}
+
+    def steady(self, fanout: int, worker: Worker) -> None:
+        """Lone events, open loop, at each of ``plan.steady_rates`` events/s: what a
+        delivery costs the hub (CPU of its own processes, Redis commands) when the stream is
+        a trickle, not a flood; first the idle floor (no events at all) over a quiet window.
+        With ``--profile`` py-spy samples the worker (every process) and the ingress during
+        each rate: the report then splits each process's CPU per delivery into stages."""
+        assert self.redis is not None
+        out = self.results["steady"]
+        time.sleep(0.1 if self.plan.smoke else 1.0)  # what came before has settled
+        with contextlib.closing(self.redis.client()) as c:
+            calls0, mark0 = redis_calls(c), self.sampler.cpu()
+            time.sleep(self.plan.steady_idle_seconds)
+            mark1, calls1 = self.sampler.cpu(), redis_calls(c)
+        wall = mark1[0] - mark0[0]
+        idle = {role: sec / wall for role, sec in self.cpu_seconds(mark0, mark1).items()}
+        out["idle"][str(fanout)] = {
+            "seconds": round(wall, 2),
+            "cores": {role: round(v, 4) for role, v in idle.items()},
+            "redis_calls_per_s": {cmd: round(n / wall, 1)
+                                  for cmd, (n, _) in calls_between(calls0, calls1).items()},
+        }
+        self.say(f"steady, fan-out {fanout}, idle: hub "
+                 f"{sum(idle.get(k, 0.0) for k in SERVING) * 1000:.1f} ms of CPU per second")
+        for events_per_s in self.plan.steady_rates:
+            out["runs"].append(self.steady_rate(fanout, events_per_s, worker, idle))
+
+    def steady_rate(self, fanout: int, events_per_s: float, worker: Worker,
+                    idle: dict[str, float]) -> dict[str, Any]:
+        assert self.ingress is not None and self.sinks is not None and self.redis is not None
+        seconds = self.plan.steady_seconds
+        n = max(10, int(events_per_s * seconds))
+        expected = n * fanout
+        tag = f"steady-fo{fanout}-{events_per_s:g}"
+        prof_dir = Path(self.args.profile) if self.args.profile else None
+        recordings: list[Any] = []
+        marks: list[Any] = []
+
+        def start() -> None:
+            marks.append(self.sampler.cpu())
+            if prof_dir is not None:
+                from bench.profile import Recording
+
+                prof_dir.mkdir(parents=True, exist_ok=True)
+                recordings.append(Recording(worker.pid, prof_dir / f"{tag}-worker.raw.txt",
+                                            seconds, subprocesses=True))
+                recordings.append(Recording(self.ingress.proc.pid,  # type: ignore[union-attr]
+                                            prof_dir / f"{tag}-ingress.raw.txt", seconds))
+
+        self.sinks.reset()
+        self.sinks.record(True)
+        try:
+            with contextlib.closing(self.redis.client()) as c:
+                calls0 = redis_calls(c)
+                r = self.loadgen(tag, [self.ingress.url], f"{tag}-", n, mode="open",
+                                 rate=events_per_s, record=True, concurrency=64,
+                                 deadline=seconds * 3 + 10, on_start=start)
+                # On a slow or busy machine a stream the hub cannot keep up with leaves a
+                # backlog: it drains here, inside the measured window.
+                stats = self.sinks.wait_count(expected, max(60.0, expected / 100))
+                end, calls1 = self.sampler.cpu(), redis_calls(c)
+            receipts = self.sinks.receipts()
+        finally:
+            self.sinks.record(False)
+            self.sinks.reset()
+        for rec in recordings:
+            rec.wait()
+        wall = end[0] - marks[0][0]
+        used = self.cpu_seconds(marks[0], end)
+        used["loadgen"] = r["cpu_s"]
+        delivered = stats["distinct"]
+
+        def per(sec: float | None) -> float | None:
+            return round(sec / delivered * 1e6, 1) if delivered and sec is not None else None
+
+        serving = sum(used.get(k, 0.0) for k in SERVING)
+        accepted, pairs = matched_latencies(r["records"], receipts)
+        lat = sorted(ms for _, ms in pairs)
+        quarter = max(1, len(pairs) // 4)
+        trend = [percentile(sorted(ms for _, ms in pairs[:quarter]), 0.5),
+                 percentile(sorted(ms for _, ms in pairs[-quarter:]), 0.5)]
+        calls = calls_between(calls0, calls1)
+        entry: dict[str, Any] = {
+            "fanout": fanout, "events_per_s": events_per_s, "events": n,
+            "accepted": accepted, "expected": expected, "deliveries": delivered,
+            "duplicates": stats["count"] - delivered, "seconds": round(wall, 3),
+            "p50_ms": round(percentile(lat, 0.5) or 0, 2) if lat else None,
+            "p99_ms": round(percentile(lat, 0.99) or 0, 2) if lat else None,
+            "p50_first_last_quarter_ms": [round(x, 2) if x is not None else None
+                                          for x in trend],
+            # A backlog grew: the hub did not keep up with this stream on this machine.
+            "queued": bool(trend[0] is not None and trend[1] is not None
+                           and trend[1] > max(100.0, 2 * trend[0])),
+            "cpu_cores": {role: round(sec / wall, 3) for role, sec in used.items()},
+            "cpu_us_per_delivery": {role: per(used.get(role))
+                                    for role in (*SERVING, "worker:main")},
+            "hub_cpu_us_per_delivery": per(serving),
+            # What the hub burns with no events at all, spread over this window's deliveries.
+            "idle_floor_us_per_delivery": per(sum(idle.get(k, 0.0) for k in SERVING) * wall),
+            "redis_calls_per_delivery": {cmd: round(c / delivered, 2)
+                                         for cmd, (c, _) in calls.items()} if delivered else {},
+            "redis_usec_per_delivery": {cmd: round(u / delivered, 1)
+                                        for cmd, (_, u) in calls.items()} if delivered else {},
+            "profiled": prof_dir is not None,
+        }
+        if delivered < expected or accepted < n:
+            self.failures.append(f"steady fan-out {fanout} at {events_per_s:g} events/s: "
+                                 f"{delivered} of {expected} deliveries received, {accepted} "
+                                 f"of {n} events accepted")
+        if prof_dir is not None:
+            self.summarise_steady_profiles(prof_dir, tag)
+        self.say(f"steady, fan-out {fanout} at {events_per_s:g} events/s: hub "
+                 f"{entry['hub_cpu_us_per_delivery']} us of CPU per delivery (idle floor "
+                 f"{entry['idle_floor_us_per_delivery']}), p50 {entry['p50_ms']} ms, "
+                 f"p99 {entry['p99_ms']} ms, {delivered}/{expected} delivered"
+                 + (" (queued: a backlog grew)" if entry["queued"] else ""))
+        return entry
+
+    def summarise_steady_profiles(self, prof_dir: Path, tag: str) -> None:
+        from bench.profile import flame_svg, summarise
+
+        prof = self.results.setdefault("profile", {})
+        for proc, focus, stages, default in (
+                ("worker", WORKER_FOCUS, WORKER_STAGES, WORKER_DEFAULT_STAGE),
+                ("ingress", INGRESS_FOCUS, INGRESS_STAGES, INGRESS_DEFAULT_STAGE)):
+            raw = prof_dir / f"{tag}-{proc}.raw.txt"
+            prof[f"{tag}-{proc}"] = summarise(raw, focus, stages=stages, default_stage=default)
+            flame_svg(raw, prof_dir / f"{tag}-{proc}.svg", f"{proc} under a steady stream "
+                      f"({tag.removeprefix('steady-').replace('-', ', ')} events/s)")
+
+    # -- the obvious design, as a reference ---------------------------------------------------
+
+    def obvious_phase(self) -> None:
+        """The obvious design (bench/obvious/) end to end at fan-out 10, measured like the
+        hub's fan-out phase: same load generator, sinks, Redis server, pool and concurrency."""
+        assert self.redis is not None and self.sinks is not None
+        fanout = OBVIOUS_FANOUT
+        n = self.plan.obvious_events
+        expected = n * fanout
+        design = ObviousDesign(f"redis://127.0.0.1:{self.redis.port}/1", self.sinks, fanout,
+                               self.args.pool, self.args.concurrency, self.log_dir)
+        self.sampler.watch("obvious-ingress", design.ingress.pid)
+        self.sampler.watch("obvious-worker", design.worker.pid)
+        try:
+            design.warm_up(self.sinks, fanout, "warm-obv-", self.plan.obvious_warmup)
+            r, mark = self.measured("obvious", [design.url], "obv-", n)
+            stats = self.sinks.wait_count(expected, max(120.0, expected / 20))
+            cores = self.cpu_used(mark, r)
+        finally:
+            self.sampler.sample()
+            self.sampler.unwatch("obvious-ingress")
+            self.sampler.unwatch("obvious-worker")
+            design.stop()
+            self.sinks.reset()
+            self.flush()
+        # In the CPU table its processes stand in the hub's columns; the hub's ingress,
+        # idle meanwhile, is kept apart.
+        cpu = {k: v for k, v in cores.items() if not k.startswith(("ingress", "obvious-"))}
+        cpu.update({k.removeprefix("obvious-"): v for k, v in cores.items()
+                    if k.startswith("obvious-")})
+        cpu["hub_ingress_idle"] = cores.get("ingress", 0.0)
+        accepted = r["statuses"].get("202", 0)
+        seconds = stats["last"] - r["t_start"]
+        complete = stats["distinct"] >= expected and accepted == n
+        if not complete:
+            self.failures.append(f"obvious design: {stats['distinct']} of {expected} "
+                                 f"deliveries received, {accepted} of {n} events accepted")
+        self.results["obvious"] = {
+            "design": "Celery task per (event, subscriber), requests, retry by countdown, "
+                      "no batching (bench/obvious/)",
+            "fanout": fanout, "events": n, "accepted": accepted, "expected": expected,
+            "received": stats["distinct"], "duplicates": stats["count"] - stats["distinct"],
+            "complete": complete, "seconds": round(seconds, 3),
+            "deliveries_per_s": round(rate(stats["distinct"], seconds), 1),
+            "events_per_s": round(rate(n, seconds), 1),
+            "ingest_seconds": round(r["t_end"] - r["t_start"], 3),
+            "ingest_events_per_s": round(rate(accepted, r["t_end"] - r["t_start"]), 1),
+            "pool": self.args.pool, "concurrency": self.args.concurrency,
+            "cpu_cores": cpu,
+        }
+        o = self.results["obvious"]
+        hub = self.results.get("e2e", {}).get(str(fanout), {}).get("deliveries_per_s")
+        self.say(f"obvious design, fan-out {fanout}: {o['deliveries_per_s']:.0f} deliveries/s "
+                 f"({stats['distinct']}/{expected} in {seconds:.2f}s)"
+                 + (f"; the hub's {hub:.0f} is {hub / o['deliveries_per_s']:.1f} x that"
+                    if hub and o["deliveries_per_s"] else ""))
 
     def long_run(self) -> None:
         assert self.ingress is not None and self.sinks is not None
@@ -496,8 +757,17 @@ class Bench:
         phases = set(self.args.phases.split(","))
         self.results["meta"] = machine_facts()
         self.results["plan"] = self.plan.as_dict()
+        if self.args.stress:
+            # First, before anything is measured (the ceilings too), and before the sampler's
+            # thread starts (stress-ng is started with a preexec_fn).
+            self.stress = Stress(self.args.stress_cpus, self.args.stress_load, self.log_dir)
+            self.results["meta"]["stress"] = self.stress.describe()
+            self.sampler.watch("stress", self.stress.pid)
+            self.say(f"competing load for the whole run: {self.stress.describe()['command']}")
         self.sampler.start()
         try:
+            if self.stress is not None:
+                time.sleep(1.0)  # its workers running before the first measure
             if "ceiling" in phases:
                 self.start_bare()
             fsync = "everysec" if self.args.fsync == "both" else self.args.fsync
@@ -514,17 +784,21 @@ class Bench:
             cfg = write_config(self.log_dir / "ingress.yaml", self.redis.url, port,
                                [self.sinks.url(0)], self.worker_settings, self.ingress_settings)
             self.ingress = Ingress(cfg, port, self.log_dir)
+            self.keys = hub_keys(cfg)
             self.sampler.watch("ingress", self.ingress.proc.pid)
             if "ceiling" in phases or "ingress" in phases:
                 self.ceiling_and_ingress("ingress" in phases)
             self.stop_bare()
             if "egress" in phases:
                 self.egress_ceiling()
-            if "e2e" in phases:
-                self.fanout_phase()
+            if "e2e" in phases or "steady" in phases:
+                self.fanout_phase("e2e" in phases, "steady" in phases)
+            if "obvious" in phases:
+                self.obvious_phase()
             if "long" in phases:
                 self.long_run()
         finally:
+            stressed_throughout = self.stress is None or self.stress.alive()
             self.sampler.sample()
             self.sampler.stop()
             self.results["rss"] = {
@@ -532,14 +806,24 @@ class Bench:
                        "max_process_hwm_kb": self.sampler.peak_hwm.get(role, 0)}
                 for role in sorted(self.sampler.peak_sum)}
             self.stop_bare()
-            for thing in (self.ingress, self.sinks, self.redis):
+            for thing in (self.ingress, self.sinks, self.redis, self.stress):
                 if thing is not None:
                     with contextlib.suppress(Exception):
                         thing.stop()
+            if self.stress is not None:
+                self.results["meta"]["stress"]["ran_throughout"] = stressed_throughout
+                if not stressed_throughout:
+                    self.failures.append(f"stress-ng ended before the run did (exit status "
+                                         f"{self.stress.proc.returncode}, log "
+                                         f"{self.log_dir / 'stress-ng.log'}): the figures "
+                                         f"were not all taken under the competing load")
         self.results["failures"] = self.failures
         self.results["targets"] = report.targets(self.results)
         return self.results
 
+
+#: The hub's own processes: what "CPU per delivery" counts.
+SERVING = ("ingress", "worker", "redis")
 
 INGRESS_FOCUS = [
     "WebhookHandler._handle", "parse_envelope", "IngramSigner.verify", "EventStore.accept",
@@ -550,6 +834,9 @@ INGRESS_FOCUS = [
 #: What each busy sample of a process was doing: the first stage with a marker in the frames
 #: below the dispatching loop (so the order matters: specific stages first).
 INGRESS_STAGES = [
+    # Before the Redis stage: the batch writer's linger (its timer and wake-up) runs inside
+    # _flush_all too.
+    ("linger: the batch writer's wait and wake-up (Batcher._gather)", ["Batcher._gather"]),
     ("validate the envelope (msgspec)", ["parse_envelope", "Envelope.event_types"]),
     ("verify the signature (HMAC-SHA512)", ["IngramSigner.verify"]),
     ("build the record and Celery message (uuid, JSON, msgpack)",
@@ -563,6 +850,9 @@ INGRESS_STAGES = [
 ]
 INGRESS_DEFAULT_STAGE = "asyncio event loop and socket I/O"
 WORKER_STAGES = [
+    # First: these threads and tasks use redis-py and asyncio like the rest.
+    ("retry scheduler poll (Lua script, main process)", ["Scheduler.run", "Scheduler.move_due"]),
+    ("lease keeper (wake-ups, renewals)", ["Engine._keep_leases"]),
     ("kombu: unacked bookkeeping per message (QoS.append)", ["QoS.append"]),
     ("kombu: ack per message (QoS.ack)", ["QoS.ack"]),
     ("kombu: one BRPOP per message", ["_brpop", "_register_BRPOP"]),
@@ -654,30 +944,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ingress.linger, e.g. 0s or 10ms (default: the config's default)")
     p.add_argument("--max-connections", type=int, default=128, help="worker.max_connections")
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
-    p.add_argument("--phases", default="ceiling,ingress,egress,e2e,long",
-                   help="comma-separated subset of ceiling,ingress,egress,e2e,long")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="comma-separated subset of " + ",".join(PHASES) + " (steady: lone "
+                        "events at a steady rate; obvious: the obvious design at fan-out 10)")
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="also profile the ingress at saturation and the worker at fan-out 10 "
-                        "with py-spy; flame graphs and raw stacks go to DIR")
+                   help="also profile with py-spy the ingress at saturation, the worker at "
+                        "fan-out 1 and 10, and both during each steady stream; flame graphs "
+                        "and raw stacks go to DIR")
+    p.add_argument("--steady-rates", default=None, metavar="EV/S,...",
+                   help="events/s of the steady streams of lone events, at fan-out 1 and 10 "
+                        "(default 50,200; smoke 50)")
+    p.add_argument("--steady-seconds", type=float, default=None, metavar="S",
+                   help="length of each steady stream (default 10, smoke 0.6)")
+    p.add_argument("--obvious-events", type=int, default=None, metavar="N",
+                   help="events sent to the obvious design at fan-out 10 (default 400, "
+                        "smoke 5)")
+    p.add_argument("--stress", action="store_true",
+                   help="run everything (ceilings included) under stress-ng --cpu N "
+                        "--cpu-load P: a slower, busier machine; needs stress-ng "
+                        "(apt-get install -y stress-ng); writes latest-stress.json and its own "
+                        "section of docs/benchmarks.md")
+    p.add_argument("--stress-cpus", type=int, default=2, metavar="N",
+                   help="stress-ng CPU workers (default 2)")
+    p.add_argument("--stress-load", type=int, default=60, metavar="PERCENT",
+                   help="load of each stress-ng CPU worker, 1-100 (default 60)")
     p.add_argument("--keep-logs", action="store_true", help="keep the processes' logs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {','.join(PHASES)}")
+    if args.stress and not 1 <= args.stress_load <= 100:
+        p.error("--stress-load must be 1-100")
+    if args.stress and args.stress_cpus < 1:
+        p.error("--stress-cpus must be at least 1")
+    return args
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.stress and shutil.which("stress-ng") is None:
+        print(f"error: --stress needs stress-ng, which is not installed: {STRESS_INSTALL}",
+              file=sys.stderr)
+        return 2
     plan = Plan(args.smoke)
+    if args.steady_rates:
+        plan.steady_rates = tuple(float(x) for x in args.steady_rates.split(",") if x)
+    if args.steady_seconds:
+        plan.steady_seconds = args.steady_seconds
+    if args.obvious_events:
+        plan.obvious_events = args.obvious_events
+    # A run under --stress keeps its own results beside the unstressed ones.
+    suffix = "-stress" if args.stress else ""
     if args.out or args.smoke:
         out = Path(args.out) if args.out else ROOT / "var" / "bench-smoke"
-        paths = {"json": out / "latest.json", "md": out / "benchmarks.md",
-                 "png": out / "benchmarks-fanout.png"}
+        paths = {"json": out / f"latest{suffix}.json", "md": out / "benchmarks.md",
+                 "png": out / f"benchmarks-fanout{suffix}.png"}
     else:
-        paths = {"json": ROOT / "bench" / "results" / "latest.json",
+        paths = {"json": ROOT / "bench" / "results" / f"latest{suffix}.json",
                  "md": ROOT / "docs" / "benchmarks.md",
-                 "png": ROOT / "docs" / "benchmarks-fanout.png"}
+                 "png": ROOT / "docs" / f"benchmarks-fanout{suffix}.png"}
     for path in paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
     bench = Bench(args, plan, log_dir)
+    # SIGTERM unwinds like Ctrl-C, so every process the bench started (stress-ng too) stops.
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     try:
         results = bench.run()
@@ -690,7 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
     paths["json"].write_text(json.dumps(results, indent=1) + "\n")
     if not (args.out or args.smoke):  # keep every full run next to latest.json
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        (paths["json"].parent / f"run-{stamp}.json").write_text(paths["json"].read_text())
+        (paths["json"].parent / f"run-{stamp}{suffix}.json").write_text(
+            paths["json"].read_text())
     chart = report.chart(results, paths["png"])
     report.write_markdown(results, paths["md"], chart)
     print(report.table_text(results))

@@ -1,4 +1,5 @@
-"""``python -m bench.run --smoke`` runs every phase of the bench, tiny, and writes its report."""
+"""``python -m bench.run --smoke`` runs every phase of the bench, tiny, and writes its report;
+``--stress``'s stress-ng is started and stopped (the bench itself is not run under it here)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 
 from tests.support import ROOT
 
-KEYS = {"meta", "plan", "ceiling", "ingress", "egress", "e2e", "latency", "rss", "long",
-        "targets", "failures"}
+KEYS = {"meta", "plan", "ceiling", "ingress", "egress", "e2e", "latency", "steady", "obvious",
+        "rss", "long", "targets", "failures"}
 
 
 @pytest.mark.timeout(120)
@@ -36,14 +37,62 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert all(e["complete"] for e in results["e2e"].values())
     assert set(results["latency"]) == {"1", "10"}
     assert all(lat["p99_ms"] is not None for lat in results["latency"].values())
+    # The steady stream of lone events, at fan-out 1 and 10: every delivery, its CPU cost.
+    runs = results["steady"]["runs"]
+    assert {r["fanout"] for r in runs} == {1, 10}
+    for run in runs:
+        assert run["deliveries"] == run["expected"] == run["events"] * run["fanout"]
+        assert run["hub_cpu_us_per_delivery"] is not None and run["p99_ms"] is not None
+        assert run["redis_calls_per_delivery"]
+    assert set(results["steady"]["idle"]) == {"1", "10"}
+    # The obvious design (bench/obvious/) delivered everything, at fan-out 10.
+    obvious = results["obvious"]
+    assert obvious["complete"] and obvious["received"] == obvious["events"] * 10
+    assert obvious["deliveries_per_s"] > 0 and obvious["cpu_cores"]["worker"] >= 0
+    assert "stress" not in results["meta"]
     assert results["rss"].keys() >= {"ingress", "worker"}
     assert results["long"]["worker"]["q1_mean_kb"] > 0
     assert results["targets"] and all("pass" in t for t in results["targets"])
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "ingress, appendfsync everysec" in markdown
+    assert "obvious design, fan-out 10" in markdown and "hub " in markdown
+    assert "Steady stream of lone events" in markdown
     assert "PASS" in markdown or "MISS" in markdown
     assert (tmp_path / "benchmarks-fanout.png").read_bytes().startswith(b"\x89PNG")
     assert "PASS" in proc.stdout or "MISS" in proc.stdout
     # The repository's own report is not touched by a run with --out.
     assert not (tmp_path / "docs").exists()
+
+
+def test_stress_ng_runs_and_stops(tmp_path: Path) -> None:
+    from bench.procs import descendants
+    from bench.stress import Stress
+
+    if shutil.which("stress-ng") is None:
+        pytest.skip("stress-ng is not installed (apt-get install -y stress-ng): --stress needs it")
+    stress = Stress(1, 5, tmp_path, timeout_s=30)
+    try:
+        tree = descendants(stress.pid)
+        assert stress.alive()
+        assert stress.describe()["command"].startswith("stress-ng --cpu 1 --cpu-load 5 ")
+    finally:
+        stress.stop()
+    assert not stress.alive()
+
+    def stress_ng(pid: int) -> bool:
+        try:
+            return b"stress-ng" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    assert not [pid for pid in tree if stress_ng(pid)], "stress-ng workers outlived stop()"
+
+
+def test_stress_without_stress_ng_says_how_to_install(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--stress", "--smoke", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={"PATH": str(tmp_path)})
+    assert proc.returncode == 2
+    assert "apt-get install -y stress-ng" in proc.stderr
+    assert not (tmp_path / "latest-stress.json").exists()

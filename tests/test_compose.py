@@ -311,8 +311,6 @@ def test_env_example_names_every_variable_the_config_and_the_compose_file_read()
     assert "RELAY_ADMIN_TOKEN" in given and read_env_file(ENV_EXAMPLE)["RELAY_ADMIN_TOKEN"]
 
 
-@pytest.mark.xfail(strict=True, reason="admin.token (${RELAY_ADMIN_TOKEN:-}) lands in "
-                   "config/relay.yaml with the core change")
 def test_config_relay_yaml_gives_the_admin_console_its_token_from_env() -> None:
     assert "RELAY_ADMIN_TOKEN" in config_variables(CONFIG, with_default=True)
     assert yaml_with_placeholders(CONFIG)["admin"]["token"] == "placeholder"
@@ -392,9 +390,7 @@ def _unique_relay_commands() -> list[Any]:
             seen.setdefault(tuple(command(service)))
     params = []
     for cmd in seen:
-        marks = [pytest.mark.xfail(strict=True, reason="relay admin lands with the core change")
-                 ] if cmd[1] == "admin" else []
-        params.append(pytest.param(list(cmd), id=" ".join(cmd), marks=marks))
+        params.append(pytest.param(list(cmd), id=" ".join(cmd)))
     return params
 
 
@@ -645,7 +641,6 @@ def test_ha_relay_config_asks_the_compose_files_sentinels_and_waits_for_a_replic
         assert environment(service)["RELAY_CONFIG"] == "/app/config/relay.yaml"
 
 
-@pytest.mark.xfail(strict=True, reason="redis.sentinel lands with the core change")
 def test_ha_relay_config_loads_with_the_ha_env_example() -> None:
     ingress = next(iter(by_command(HA_COMPOSE, "relay", "ingress").values()))
     env = container_env(HA_COMPOSE, ingress, read_env_file(HA_ENV_EXAMPLE))

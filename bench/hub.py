@@ -94,7 +94,7 @@ def hub_keys(config: Path) -> Any:
     from relay.config import load_config
     from relay.keys import Keys
 
-    return Keys(queue=load_config(config).worker.queue)
+    return Keys.of(load_config(config))
 
 
 def relay_proc(name: str, config: Path, command: str, log_dir: Path) -> Proc:

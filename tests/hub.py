@@ -35,6 +35,8 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    #: When the request arrived (``at`` is when it was answered, after any delay).
+    arrived: float = 0.0
 
     @property
     def event_id(self) -> str:
@@ -91,6 +93,7 @@ class Sink:
         return self.on(path)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.time()
         body = await request.read()
         with self._lock:
             n = self._counts.get(request.path, 0) + 1
@@ -115,7 +118,7 @@ class Sink:
         with self._lock:
             self._open[request.path] -= 1
             self.received.append(Received(time.time(), request.path, dict(request.headers),
-                                          body))
+                                          body, arrived))
         return web.Response(status=reply.status, headers=reply.headers, text="ok")
 
     def start(self) -> Sink:

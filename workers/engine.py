@@ -56,6 +56,10 @@ PERSIST_FOR = 120.0
 KNOWN_FRESH_MS = 15_000
 PARK_UNKNOWN_MS = 5_000
 KNOWN_NOTE_SECONDS = 5.0
+#: What an operator reads in the log when a subscriber's health changes.
+HEALTH_NEWS = {"opened": "circuit breaker opened: attempts are held until a probe succeeds",
+               "recovered": "subscriber recovered: held attempts flow again",
+               "disabled": "subscriber disabled after failing too long: resume it to retry"}
 #: Subscriber name of a dead letter for an event whose record expired before any subscriber
 #: was chosen for it (its fan-out found nothing to route).
 ANY = "*"
@@ -363,6 +367,8 @@ class Engine:
 
     async def _alert(self, transitions: list[str] | None, name: str, detail: str) -> None:
         for transition in transitions or []:
+            if transition in HEALTH_NEWS:
+                log.warning(HEALTH_NEWS[transition], extra={"subscriber": name, "detail": detail})
             await self.alerts.raise_(transition, name, detail)
 
     async def _persist(self, write: Callable[[], Awaitable[T]]) -> T | None:

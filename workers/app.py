@@ -12,12 +12,17 @@ Signals, in every pool:
   send it): warm shutdown. Pool children ignore SIGTERM themselves (Celery resets it to
   "die" in them, which cut in-flight posts); the main process stops taking tasks and each
   child drains its posts (up to their timeout) before it exits.
-* SIGHUP: reload the config (relay/reload.py) in the main process and every pool child.
+* SIGHUP: reload the config (relay/reload.py). The main process validates and applies it,
+  then bumps a counter it shares with its pool children; a child reloads before its next
+  task when the counter has moved. (Children cannot keep a SIGHUP handler of their own:
+  billiard resets SIGHUP in them to "exit" right after Celery's initialiser, so a SIGHUP to
+  the whole process group killed them. They ignore it, and follow the counter.)
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -103,6 +108,10 @@ celery_worker.safe_say = _say_as_json  # type: ignore[assignment]
 
 #: The config this process runs on now (a reload replaces it; tasks read it from here).
 _live: dict[str, Config] = {}
+#: Reloads applied by the main process, in memory shared with the pool children it forks.
+_generation = multiprocessing.Value("L", 0, lock=False)
+#: In a pool child: the generation it runs and how it reloads.
+_child: dict[str, object] = {}
 
 
 def live_config() -> Config:
@@ -145,6 +154,7 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
                 attempt: int, batch: str | None = None) -> int:
         """Lease and start the attempts for one event or a batch of them (to every matching
         subscriber, or to those named)."""
+        _catch_up()
         engine = get_engine(live_config())
         try:
             return engine.start(event_id, subscribers, attempt, batch)
@@ -189,7 +199,7 @@ class MainProcessStep(bootsteps.StartStopStep):
 
         def on_hup(signum: int, frame: Any) -> None:
             if reloader.reload():
-                _signal_children(worker, signal.SIGHUP)
+                _generation.value += 1  # pool children reload before their next task
 
         # Replaces Celery's own SIGHUP handler, which re-executes the whole worker.
         signal.signal(signal.SIGHUP, on_hup)
@@ -207,15 +217,6 @@ class MainProcessStep(bootsteps.StartStopStep):
         for part in (self.scheduler, self.heartbeat):
             if part is not None:
                 part.stop()
-
-
-def _signal_children(worker: Any, signum: int) -> None:
-    pool = getattr(getattr(worker, "pool", None), "_pool", None)
-    for proc in getattr(pool, "_pool", None) or []:
-        try:
-            os.kill(proc.pid, signum)
-        except (ProcessLookupError, TypeError):
-            continue
 
 
 @signals.celeryd_init.connect
@@ -250,11 +251,20 @@ def _json_logs(loglevel: int | str | None = None, **_: Any) -> None:
 
 @signals.worker_process_init.connect
 def _child_signals(**_: Any) -> None:
-    """In a prefork child: SIGTERM is the main process's to act on (it drains us); SIGHUP
-    reloads this child's engine."""
+    """In a prefork child: SIGTERM and SIGHUP are the main process's to act on (it drains
+    us on the one and tells us to reload on the other); ignoring them here survives
+    billiard's reset of the signals it would otherwise make fatal."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    reloader = Reloader(live_config(), _apply_in_child, "worker child")
-    signal.signal(signal.SIGHUP, lambda signum, frame: reloader.reload())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _child.update(generation=_generation.value,
+                  reloader=Reloader(live_config(), _apply_in_child, "worker child"))
+
+
+def _catch_up() -> None:
+    """In a pool child, before a task: apply the reloads the main process applied."""
+    if _child and _child["generation"] != _generation.value:
+        _child["generation"] = _generation.value
+        _child["reloader"].reload()  # type: ignore[attr-defined]
 
 
 def _apply_in_child(config: Config) -> None:

@@ -37,6 +37,8 @@ stats:{minute}             hash    per-minute counters (accepted, per subscriber
                                    latency buckets, backlog age)
 totals                     hash    the same counters since the start (Prometheus)
 health:{sub}               hash    circuit breaker, pause, disable, last error/success
+parked:{sub}               zset    attempts waiting for room in a lane of this subscriber
+                                   (any worker's lane pulls them, oldest first) -> parked ms
 held:{sub}                 zset    attempt messages held while a subscriber is paused,
                                    disabled or its breaker open -> held ms
 breakers                   zset    subscriber -> ms when a probe is released from held
@@ -123,6 +125,9 @@ class Keys:
 
     def health(self, subscriber: str) -> str:
         return f"{self.prefix}health:{subscriber}"
+
+    def parked(self, subscriber: str) -> str:
+        return f"{self.prefix}parked:{subscriber}"
 
     def held(self, subscriber: str) -> str:
         return f"{self.prefix}held:{subscriber}"

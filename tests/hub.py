@@ -37,6 +37,8 @@ class Received:
     body: bytes
     #: When the request arrived (``at`` is when it was answered, after any delay).
     arrived: float = 0.0
+    #: Every header as sent, repeats included (``headers`` keeps one per name).
+    raw_headers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def event_id(self) -> str:
@@ -118,7 +120,7 @@ class Sink:
         with self._lock:
             self._open[request.path] -= 1
             self.received.append(Received(time.time(), request.path, dict(request.headers),
-                                          body, arrived))
+                                          body, arrived, list(request.headers.items())))
         return web.Response(status=reply.status, headers=reply.headers, text="ok")
 
     def start(self) -> Sink:

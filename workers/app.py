@@ -151,25 +151,15 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
 
     @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
     def deliver(self: Any, event_id: str | list[str], subscribers: list[str] | None,
-                attempt: int, batch: str | None = None) -> int:
+                attempt: int, batch: str | None = None) -> None:
         """Lease and start the attempts for one event or a batch of them (to every matching
-        subscriber, or to those named)."""
+        subscriber, or to those named): handed to this process's delivery loop."""
         _catch_up()
-        engine = get_engine(live_config())
         try:
-            return engine.start(event_id, subscribers, attempt, batch)
+            get_engine(live_config()).start(event_id, subscribers, attempt, batch)
         except (RedisError, OSError) as exc:
             # Not acknowledged: back to the queue, tried again once Redis answers.
             raise Reject(repr(exc), requeue=True) from exc
-        except Exception as exc:
-            # Not a passing condition: retrying would fail the same way, forever.
-            log.exception("task cannot be processed; its events are dead-lettered",
-                          extra={"eventId": event_id, "subscribers": subscribers})
-            try:
-                engine.give_up(event_id, subscribers, attempt, batch, exc)
-            except (RedisError, OSError) as redis_exc:
-                raise Reject(repr(redis_exc), requeue=True) from redis_exc
-            return 0
 
     app.steps["worker"].add(MainProcessStep)
     return app

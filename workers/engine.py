@@ -18,6 +18,7 @@ scheduler queues the attempt again.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import logging
@@ -35,7 +36,7 @@ from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
 from relay.models import Attempt, StoredEvent
-from relay.queue import deliver_message
+from relay.queue import deliver_message, read_deliver_message
 from relay.routing import Router
 from workers import http
 from workers.alerts import Alerts
@@ -50,6 +51,8 @@ T = TypeVar("T")
 
 #: How long an outcome write is retried while Redis is away before the lease takes over.
 PERSIST_FOR = 120.0
+#: Tasks being started at once before a new one waits (workers/engine.py Engine.start).
+MAX_PENDING_STARTS = 32
 #: A subscriber this process does not know, that another live worker had configured within
 #: this long (workers/heartbeat.py), is not "removed": its attempt waits PARK_UNKNOWN_MS for
 #: a worker that knows it (a rolling deploy, or a reload not everywhere yet).
@@ -60,6 +63,8 @@ KNOWN_NOTE_SECONDS = 5.0
 HEALTH_NEWS = {"opened": "circuit breaker opened: attempts are held until a probe succeeds",
                "recovered": "subscriber recovered: held attempts flow again",
                "disabled": "subscriber disabled after failing too long: resume it to retry"}
+#: How often a lane with room looks for parked attempts left by other processes.
+PULL_SECONDS = 0.25
 #: Subscriber name of a dead letter for an event whose record expired before any subscriber
 #: was chosen for it (its fan-out found nothing to route).
 ANY = "*"
@@ -71,10 +76,9 @@ class _Plan:
     def __init__(self) -> None:
         self.leases: dict[bytes, int] = {}
         self.held: dict[str, dict[bytes, int]] = defaultdict(dict)
+        self.parked: dict[str, dict[bytes, int]] = defaultdict(dict)
         self.pending: dict[str, dict[str, int]] = defaultdict(dict)
-        #: (parked subscribers, attempt) -> events: one message per group, not per event
-        self.parked: dict[tuple[tuple[str, ...], int], list[str]] = defaultdict(list)
-        self.launch: list[tuple[StoredEvent, Subscriber, bytes]] = []
+        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes]] = []
         self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None]] = []
 
 
@@ -87,6 +91,9 @@ class Engine:
                                         daemon=True)
         self._thread.start()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._pulls: set[asyncio.Task[None]] = set()
+        self._pending: set[concurrent.futures.Future[int]] = set()
+        self._pending_lock = threading.Lock()
         self._call(self._setup())
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -105,7 +112,8 @@ class Engine:
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         self._background = [asyncio.create_task(self.leases.run()),
                             asyncio.create_task(self.alerts.run(self._session)),
-                            asyncio.create_task(self._note_known())]
+                            asyncio.create_task(self._note_known()),
+                            asyncio.create_task(self._puller())]
 
     def _apply(self, config: Config) -> None:
         """Take a (re)loaded config: new, changed and removed subscribers apply to new work;
@@ -122,25 +130,65 @@ class Engine:
     # -- called from other threads ----------------------------------------------------------
 
     def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
-              batch: str | None = None) -> int:
-        """Lease and launch the attempts of one task; returns how many were launched."""
-        return self._call(self._start(event_ids, subscribers, attempt, batch))
+              batch: str | None = None) -> None:
+        """Hand one task's events to the loop, which routes, leases and launches them.
 
-    def give_up(self, event_ids: str | list[str], subscribers: list[str] | None,
-                attempt: int, batch: str | None, error: BaseException) -> None:
-        """A task failed in a way no retry can mend: dead-letter its events and drop its
-        message, so it is not queued again forever (holding up the rest of its batch)."""
-        self._call(self._give_up(event_ids, subscribers, attempt, batch, error))
+        The task does not wait for that (two Redis round trips on a busy loop, ~5-10 ms): it
+        returns and Celery acknowledges its message at once, so the next message, maybe
+        another subscriber's event, is not queued behind it. Nothing is lost if this process
+        dies before the leases are written: the message's note in ``unclaimed`` is removed
+        only together with them, and the scheduler queues the message again otherwise
+        (workers/scheduler.py). Only when MAX_PENDING_STARTS are in progress does the task
+        wait, so a worker whose loop cannot keep up leaves the backlog in the Redis queue.
+        """
+        future = asyncio.run_coroutine_threadsafe(
+            self._start_until_done(event_ids, subscribers, attempt, batch), self._loop)
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._started)
+        while len(self._pending) > MAX_PENDING_STARTS:
+            concurrent.futures.wait(list(self._pending), timeout=1.0,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _started(self, future: concurrent.futures.Future[int]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+
+    async def _start_until_done(self, event_ids: str | list[str], names: list[str] | None,
+                                attempt: int, batch: str | None) -> int:
+        """``_start``, retried while Redis is away (PERSIST_FOR), dead-lettering what can
+        never be processed."""
+        deadline = time.monotonic() + PERSIST_FOR
+        pause = 0.1
+        while True:
+            try:
+                return await self._start(event_ids, names, attempt, batch)
+            except (RedisError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    log.error("task not started: redis unavailable; its message is queued "
+                              "again from unclaimed", extra={"eventId": event_ids,
+                                                             "error": repr(exc)})
+                    return 0
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
+            except Exception as exc:
+                # Not a passing condition: retrying would fail the same way, forever.
+                log.exception("task cannot be processed; its events are dead-lettered",
+                              extra={"eventId": event_ids, "subscribers": names})
+                await self._give_up(event_ids, names, attempt, batch, exc)
+                return 0
 
     async def _give_up(self, event_ids: str | list[str], names: list[str] | None,
                        attempt: int, batch: str | None, error: BaseException) -> None:
+        """A task failed in a way no retry can mend: dead-letter its events and drop its
+        message, so it is not queued again forever (holding up the rest of its batch)."""
         reason = f"cannot be processed: {type(error).__name__}: {error}"[:300]
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
         for event_id in ids:
             for name in names or [ANY]:
                 await self._dead(event_id, self.subscribers.get(name, name), reason, None)
         taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
-        await self.ledger.run([("ZREM", self.keys.unclaimed, taken)])
+        await self._persist(lambda: self.ledger.run([("ZREM", self.keys.unclaimed, taken)]))
 
     def reload(self, config: Config) -> None:
         """Apply ``config`` on the loop (safe from a signal handler or another thread)."""
@@ -149,8 +197,10 @@ class Engine:
     def drain(self, timeout: float) -> int:
         """Wait up to ``timeout`` for held deliveries; returns how many were left (their
         leases bring them back)."""
+        deadline = time.monotonic() + timeout
+        concurrent.futures.wait(list(self._pending), timeout=timeout)  # tasks being started
+
         async def wait() -> int:
-            deadline = time.monotonic() + timeout
             # A post that ends opens the next waiting one of its lane: wait for those too.
             while self._tasks and time.monotonic() < deadline:
                 await asyncio.wait(list(self._tasks), timeout=deadline - time.monotonic(),
@@ -189,34 +239,35 @@ class Engine:
                 for name in names or [ANY]:
                     plan.dead.append((event_id, self.subscribers.get(name, name), reason,
                                       item.event))
-        for (subs, n), group in plan.parked.items():
-            # One message for every event parked with the same subscribers: a Celery message
-            # costs ~2 ms of worker CPU, so one per (event, subscriber) would turn a burst into
-            # more work than the posts themselves.
-            due = max(self.lanes[s].parking_slot(now, len(group), self.subscribers[s].rate_limit)
-                      for s in subs)
-            message = deliver_message(self.keys.queue, group[0] if len(group) == 1 else group,
-                                      list(subs), n)
-            plan.leases[message] = due
+        await self._commit(plan, taken)
+        return len(plan.launch)
+
+    async def _commit(self, plan: _Plan, taken: bytes | None) -> None:
+        """Write the plan (leases, parked, held, pending) in one round trip, then dead-letter
+        and launch what it says."""
         try:
-            await self.ledger.lease(plan.leases, plan.held, plan.pending, taken)
+            await self.ledger.lease(plan.leases, plan.held, plan.pending, taken, plan.parked)
         except BaseException:
-            for _, sub, _ in plan.launch:
+            for _, sub, _, _ in plan.launch:
                 self.lanes[sub.name].held -= 1
             raise
+        for name in plan.parked:
+            self.lanes[name].parked = True
         for event_id, sub, reason, event in plan.dead:
             await self._dead(event_id, sub, reason, event)
-        for event, sub, lease in plan.launch:
+        for event, sub, attempt, lease in plan.launch:
             self.leases.track(lease, plan.leases[lease], sub)
             lane = self.lanes[sub.name]
             if lane.open < lane.width:
                 self._open(lane, event, sub, attempt, lease)
             else:
                 lane.waiting.append((event, sub, attempt, lease))
-        return len(plan.launch)
 
     def _plan_event(self, plan: _Plan, event_id: str, item: Loaded, names: list[str] | None,
-                    attempt: int, batch: str | None, unknown: dict[str, bool], now: int) -> None:
+                    attempt: int, batch: str | None, unknown: dict[str, bool], now: int,
+                    lease: bytes | None = None) -> None:
+        """Decide what happens to one event's attempts. ``lease``: a parked attempt pulled
+        back (its own message is its lease)."""
         event = item.event
         if item.error is not None:
             raise ValueError(item.error)  # dead-lettered by the caller, the rest go on
@@ -243,12 +294,12 @@ class Engine:
                 plan.leases[message] = now + PARK_UNKNOWN_MS
             else:
                 plan.dead.append((event_id, name, "subscriber removed", event))
-        parked: list[str] = []
         for sub in targets:
             if sub.name in item.done:
                 continue
             plan.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
+            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
@@ -256,20 +307,74 @@ class Engine:
                                   event))
             elif self.gate.cached_hold(sub):
                 # Paused, disabled or its breaker open: held, not posted, not counted.
-                message = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
-                plan.held[sub.name][message] = now
-            elif lane.full:
-                # It already holds its share of the process's attempts: park the attempt in
-                # the schedule (not in memory, not counted as an attempt) rather than wait,
-                # so its slowness never holds up anyone else.
-                parked.append(sub.name)
+                plan.held[sub.name][own] = now
+            elif lease is None and (lane.full or lane.parked):
+                # It already holds its share of the process's attempts (or has attempts parked
+                # before this one: they go first): park the attempt in ``parked:{sub}``, from
+                # which lanes of this subscriber in any worker pull as they have room. Not in
+                # memory, not a Celery message, not counted as an attempt: one subscriber's
+                # slowness costs nobody else anything.
+                plan.parked[sub.name][own] = now
             else:
-                lease = deliver_message(self.keys.queue, event_id, [sub.name], attempt + 1)
-                plan.leases[lease] = now + self.leases.lease_ms(sub)
-                plan.launch.append((event, sub, lease))
+                own_lease = lease or deliver_message(self.keys.queue, event_id, [sub.name],
+                                                     attempt + 1)
+                plan.leases[own_lease] = now + self.leases.lease_ms(sub)
+                plan.launch.append((event, sub, attempt, own_lease))
                 lane.held += 1
-        if parked:
-            plan.parked[(tuple(parked), attempt)].append(event_id)
+
+    async def _pull(self, name: str) -> None:
+        """Take parked attempts of ``name`` into its lane, as many as it has room for."""
+        lane, sub = self.lanes[name], self.subscribers.get(name)
+        room = lane.hold - lane.held
+        if sub is None or room <= 0 or lane.pulling:
+            return
+        lane.pulling = True
+        try:
+            now = now_ms()
+            members = await self.ledger.pull(name, room, now + self.leases.lease_ms(sub))
+            if len(members) < room:
+                lane.parked = False  # drained (for now)
+            if not members:
+                return
+            taken = [(m, read_deliver_message(m)) for m in members]
+            ids = [str(args.event_id) for _, args in taken]
+            loaded = await self.ledger.load(ids)
+            plan = _Plan()
+            for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
+                try:
+                    self._plan_event(plan, event_id, item, [name], args.attempt, None, {}, now,
+                                     lease=member)
+                except Exception as exc:
+                    plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
+                                      item.event))
+            await self._commit(plan, None)
+            # What was not launched (delivered meanwhile, held, dead-lettered) needs no lease.
+            done = [m for m in members if m not in plan.leases]
+            if done:
+                await self._persist(lambda: self.ledger.run(
+                    [("ZREM", self.keys.schedule, *done)]))
+        finally:
+            lane.pulling = False
+
+    async def _puller(self) -> None:
+        """Pull parked attempts into lanes with room: at once when a post ends (``_finished``)
+        and every PULL_SECONDS for parked work another process left (one round trip)."""
+        while True:
+            await asyncio.sleep(PULL_SECONDS)
+            names = [n for n in self.subscribers if self.lanes[n].held < self.lanes[n].hold]
+            if not names:
+                continue
+            try:
+                counts = await self.ledger.run([("ZCARD", self.keys.parked(n)) for n in names])
+                for name, count in zip(names, counts, strict=True):
+                    if count:
+                        self.lanes[name].parked = True
+                        await self._pull(name)
+            except (RedisError, OSError) as exc:
+                log.warning("could not pull parked attempts; retrying",
+                            extra={"error": repr(exc)})
+            except Exception:
+                log.exception("pulling parked attempts failed; retrying")
 
     async def _known_elsewhere(self, names: list[str] | None) -> dict[str, bool]:
         """For names this process does not have configured: did a live worker have them
@@ -294,6 +399,16 @@ class Engine:
                                             *[x for n in names for x in (n, now_ms())])])
             await asyncio.sleep(KNOWN_NOTE_SECONDS)
 
+    def _background_pull(self, name: str) -> None:
+        task = asyncio.create_task(self._pull(name))
+        self._pulls.add(task)
+        task.add_done_callback(self._pull_done)
+
+    def _pull_done(self, task: asyncio.Task[None]) -> None:
+        self._pulls.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("could not pull parked attempts", extra={"error": repr(task.exception())})
+
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
               lease: bytes) -> None:
         lane.open += 1
@@ -310,6 +425,8 @@ class Engine:
             log.error("delivery task failed", exc_info=task.exception())
         if lane.waiting and lane.open < lane.width:
             self._open(lane, *lane.waiting.popleft())
+        elif lane.parked and not lane.pulling and lane.name in self.subscribers:
+            self._background_pull(lane.name)
 
     # -- one attempt ------------------------------------------------------------------------
 

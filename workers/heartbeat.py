@@ -79,8 +79,8 @@ class Heartbeat:
         gone = set(removed)
         released = 0
         for name in removed:
-            released += int(self._release(keys=[self._keys.held(name), self._keys.schedule],
-                                          args=[now]))
+            for waiting in (self._keys.held(name), self._keys.parked(name)):
+                released += int(self._release(keys=[waiting, self._keys.schedule], args=[now]))
         for member, _ in self._client.zscan_iter(self._keys.schedule):
             try:
                 names = read_deliver_message(member).subscribers

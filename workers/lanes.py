@@ -2,7 +2,8 @@
 
 Each subscriber holds at most an equal share of ``worker.max_in_flight`` (its *hold*), so
 memory stays flat and a slow subscriber fills only its own share; past it, the engine parks
-the attempt in the Redis schedule, paced at the rate this subscriber frees posts. Of what it
+the attempt in Redis (``parked:{sub}``), and lanes of that subscriber pull parked attempts
+back, oldest first, as they have room (in whichever worker process). Of what it
 holds, at most its share of ``worker.max_connections`` (its *width*, at least ``MIN_LANE``)
 are open posts; the rest wait in order. A thousand posts open at once cost each post twice
 the client CPU of sixty-four (211 against 97 us; docs/benchmarks.md), flood the subscriber,
@@ -12,7 +13,6 @@ not share a limit, and one subscriber's slowness never takes another's turn.
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
@@ -22,23 +22,23 @@ from relay.config import Subscriber
 #: Fewest posts a subscriber may have open at once, however many subscribers share
 #: ``worker.max_connections``.
 MIN_LANE = 2
-#: Latency assumed for a subscriber not yet heard from (s), and the spread added to parked
-#: attempts' due times (ms) so that they do not return in one wave.
+#: Latency assumed for a subscriber not yet heard from (s).
 INITIAL_LATENCY = 0.1
-PARK_JITTER_MS = 200
 
 
 class Lane:
     """One subscriber's attempts in one process: ``width`` posts open at most, the rest wait
     in arrival order (each leased in Redis; workers/leases.py keeps the lease ahead)."""
 
-    def __init__(self, width: int, hold: int) -> None:
+    def __init__(self, name: str, width: int, hold: int) -> None:
+        self.name = name
         self.width = width
         self.hold = hold        # most attempts held (open + waiting) before parking
         self.held = 0
         self.open = 0
         self.latency = INITIAL_LATENCY  # recent post latency (s), moving average
-        self.next_free = 0.0            # pacing clock for parked attempts (unix ms)
+        self.parked = False     # attempts of this subscriber are (or may be) parked in Redis
+        self.pulling = False    # a pull of parked attempts is in flight
         self.waiting: deque[Any] = deque()
 
     @property
@@ -47,17 +47,6 @@ class Lane:
 
     def observe(self, latency_ms: float) -> None:
         self.latency = 0.8 * self.latency + 0.2 * latency_ms / 1000
-
-    def parking_slot(self, now: int, count: int, rate: float | None) -> int:
-        """When ``count`` parked attempts should come back: paced at the rate this lane frees
-        posts (width / latency, or the subscriber's rate limit if slower), so a backlog behind
-        a slow subscriber returns at the rate it can be served instead of cycling."""
-        pace_ms = 1000 * self.latency / self.width
-        if rate:
-            pace_ms = max(pace_ms, 1000 / rate)
-        slot = max(now, self.next_free) + pace_ms * count
-        self.next_free = slot
-        return int(slot) + random.randint(0, PARK_JITTER_MS)
 
 
 class Lanes:
@@ -75,7 +64,7 @@ class Lanes:
         hold = max(1, max_in_flight // n)
         width = min(hold, max(MIN_LANE, max_connections // n))
         for name in names:
-            lane = self._lanes.setdefault(name, Lane(width, hold))
+            lane = self._lanes.setdefault(name, Lane(name, width, hold))
             lane.width, lane.hold = width, hold
         for name in [name for name, lane in self._lanes.items()
                      if name not in names and lane.held == 0]:

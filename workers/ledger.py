@@ -153,6 +153,16 @@ end
 return 0
 """)
 
+# KEYS: parked, schedule. ARGV: most, lease due ms.
+PULL = Script("""
+local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
+for _, member in ipairs(members) do
+  redis.call('ZREM', KEYS[1], member)
+  redis.call('ZADD', KEYS[2], ARGV[2], member)
+end
+return members
+""")
+
 _encode = msgspec.msgpack.Encoder().encode
 _decode_event = msgspec.msgpack.Decoder(StoredEvent).decode
 
@@ -185,6 +195,10 @@ class Ledger:
         self._k = keys
         self.retention = retention
         self._batch = GroupCommit(client, timeout=10.0)
+        # A task's own round trips (load, lease) have their own pipeline: behind the outcome
+        # writes of hundreds of posts they would wait their turn, and the task thread with
+        # them, holding up every event queued behind it.
+        self._tasks = GroupCommit(client, timeout=10.0)
 
     @property
     def retention(self) -> float:
@@ -194,8 +208,8 @@ class Ledger:
     def retention(self, seconds: float) -> None:
         self._retention = max(1, int(seconds))
 
-    async def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        results = await self._batch.execute(commands)
+    async def run(self, commands: list[tuple[Any, ...]], task: bool = False) -> list[Any]:
+        results = await (self._tasks if task else self._batch).execute(commands)
         for result in results:
             if isinstance(result, Exception):
                 raise result
@@ -216,7 +230,7 @@ class Ledger:
                          ("HGETALL", self._k.deliveries(event_id))]
             if with_seen:
                 commands.append(("GET", self._k.seen(event_id)))
-        results = await self.run(commands)
+        results = await self.run(commands, task=True)
         loaded = []
         for i in range(0, len(results), step):
             raw, record = results[i], results[i + 1]
@@ -232,7 +246,8 @@ class Ledger:
         return loaded
 
     async def lease(self, leases: dict[bytes, int], held: dict[str, dict[bytes, int]],
-                    pending: dict[str, dict[str, int]], taken: bytes | None) -> None:
+                    pending: dict[str, dict[str, int]], taken: bytes | None,
+                    parked: dict[str, dict[bytes, int]] | None = None) -> None:
         """Before attempts start: add the next-attempt messages (``{message: due_ms}``, leases
         and parked attempts), hold what may not be posted now (``{sub: {message: ms}}``), note
         what each subscriber has pending (``{sub: {event_id: ms}}``), then drop ``taken`` (the
@@ -243,13 +258,23 @@ class Ledger:
             commands.append(("ZADD", self._k.schedule, *_scored(leases)))
         for sub, members in held.items():
             commands.append(("ZADD", self._k.held(sub), *_scored(members)))
+        for sub, members in (parked or {}).items():
+            # NX: a parked attempt keeps its place in line if it is parked again
+            commands.append(("ZADD", self._k.parked(sub), "NX", *_scored(members)))
         for sub, events in pending.items():
             commands.append(("ZADD", self._k.pending(sub), "NX",
                              *[x for event_id, ms in events.items() for x in (ms, event_id)]))
         if taken is not None:
             commands.append(("ZREM", self._k.unclaimed, taken))
         if commands:
-            await self.run(commands)
+            await self.run(commands, task=True)
+
+    async def pull(self, sub: str, most: int, lease_due: int) -> list[bytes]:
+        """Take up to ``most`` parked attempts of ``sub``, oldest first; each becomes its own
+        lease in the schedule (due ``lease_due``) in the same step, so one taken by a worker
+        that dies is queued again when that falls due."""
+        return list(await self.script(PULL, (self._k.parked(sub), self._k.schedule),
+                                      (most, lease_due)))
 
     async def renew(self, leases: dict[bytes, int]) -> None:
         """Re-score held leases (``{message: due_ms}``); one already removed (its attempt

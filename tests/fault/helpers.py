@@ -279,10 +279,10 @@ def rss_kib(pid: int) -> int:
 
 
 def attempt_log(client: redis.Redis, event_id: str, subscriber: str) -> list[Any]:
-    """The attempt records of one delivery, oldest first (workers/ledger.py's Attempt)."""
+    """The attempt records of one delivery, oldest first (relay/models.py's Attempt)."""
     import msgspec
 
-    from workers.ledger import Attempt
+    from relay.models import Attempt
 
     raw = client.lrange(KEYS.log(event_id, subscriber), 0, -1)
     return [msgspec.msgpack.decode(r, type=Attempt) for r in reversed(raw)]

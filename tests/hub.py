@@ -210,6 +210,19 @@ def post(url: str, body: bytes, secret: str = INGRESS_SECRET) -> tuple[int, dict
         return exc.code, msgspec.json.decode(exc.read() or b"{}")
 
 
+def _run(coro: Any) -> Any:
+    """``asyncio.run``, in a thread of its own when this one already runs a loop (Playwright's
+    sync API does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def enqueue_event(client: Any, body: bytes, prefix: str = "relay:") -> str:
     """Store an event and queue its fan-out with the ingress's own store, without its HTTP."""
     import redis.asyncio as aioredis
@@ -232,7 +245,7 @@ def enqueue_event(client: Any, body: bytes, prefix: str = "relay:") -> str:
         finally:
             await aclient.aclose()
 
-    assert asyncio.run(accept()), f"{envelope.eventId} was stored before"
+    assert _run(accept()), f"{envelope.eventId} was stored before"
     return envelope.eventId
 
 
@@ -390,5 +403,5 @@ def enqueue_events(client: Any, bodies: list[bytes], prefix: str = "relay:") -> 
         finally:
             await aclient.aclose()
 
-    assert all(asyncio.run(accept())), "some events were stored before"
+    assert all(_run(accept())), "some events were stored before"
     return [r.event_id for r in records]

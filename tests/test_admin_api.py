@@ -196,7 +196,7 @@ def test_event_timeline_shows_each_subscribers_state_and_attempts(hub: Hub) -> N
 
 
 def test_events_are_found_by_order_number_filtered_and_paged_with_the_cursor(hub: Hub) -> None:
-    since = time.time() - 0.001
+    since = time.time() - 0.01
     for event_id, orders in (("EV-SE-1", ("20-SE001",)), ("EV-SE-2", ("20-SE001", "20-SE002")),
                              ("EV-SE-3", ("20-SE002",))):
         hub.send(event_id, "search", orders)

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	@echo "Starting the hub on $(CONFIG) (ingress http://127.0.0.1:8080, demo sink http://127.0.0.1:9100)."
+	@echo "Starting the hub on $(CONFIG) (ingress http://127.0.0.1:8080, admin console http://127.0.0.1:8081/, demo sink http://127.0.0.1:9100)."
 	@echo "In another shell:  $(BIN)/relay --config $(CONFIG) send tests/shared/samples/order_shipped.json"
 	$(BIN)/relay --config $(CONFIG) up --with-sink
 

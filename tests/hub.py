@@ -144,7 +144,8 @@ class Sink:
 
 def write_config(path: Path, redis_url: str, subscribers: list[dict[str, Any]],
                  delivery: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
-                 ingress: dict[str, Any] | None = None) -> Path:
+                 ingress: dict[str, Any] | None = None, redis: dict[str, Any] | None = None,
+                 admin: dict[str, Any] | None = None) -> Path:
     delivery = dict(delivery or {"timeout": "2s", "max_attempts": 5,
                                  "backoff": {"initial": "100ms", "max": "1s"}})
     # Tests of retries and dead letters make subscribers fail on purpose, and a circuit
@@ -152,13 +153,15 @@ def write_config(path: Path, redis_url: str, subscribers: list[dict[str, Any]],
     # own tests set it.
     delivery.setdefault("circuit_breaker", {"failures": 0})
     doc = {
-        "redis": {"url": redis_url},
+        "redis": {"url": redis_url, **(redis or {})},
         "ingress": {"secrets": [INGRESS_SECRET], "port": free_port(), **(ingress or {})},
         "delivery": delivery,
         "worker": {"pool": "prefork", "concurrency": 1, "lease_grace": "5s",
                    "visibility_timeout": "20s", **(worker or {})},
         "subscribers": subscribers,
     }
+    if admin:
+        doc["admin"] = admin
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -212,6 +215,19 @@ def post(url: str, body: bytes, secret: str = INGRESS_SECRET) -> tuple[int, dict
         return exc.code, msgspec.json.decode(exc.read() or b"{}")
 
 
+def _run(coro: Any) -> Any:
+    """``asyncio.run``, in a thread of its own when this one already runs a loop (Playwright's
+    sync API does)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def enqueue_event(client: Any, body: bytes, prefix: str = "relay:") -> str:
     """Store an event and queue its fan-out with the ingress's own store, without its HTTP."""
     import redis.asyncio as aioredis
@@ -234,7 +250,7 @@ def enqueue_event(client: Any, body: bytes, prefix: str = "relay:") -> str:
         finally:
             await aclient.aclose()
 
-    assert asyncio.run(accept()), f"{envelope.eventId} was stored before"
+    assert _run(accept()), f"{envelope.eventId} was stored before"
     return envelope.eventId
 
 
@@ -290,8 +306,10 @@ def delivered(client: Any, event_id: str, subscriber: str) -> bool:
 class LiveIngress:
     """``create_app(config)`` served on 127.0.0.1:<free port> from its own loop and thread."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config,
+                 factory: Callable[[Config], web.Application] = create_app) -> None:
         self.config = config
+        self._factory = factory
         self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -303,7 +321,7 @@ class LiveIngress:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(create_app(self.config), access_log=None)
+        self._runner = web.AppRunner(self._factory(self.config), access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
 
@@ -313,3 +331,82 @@ class LiveIngress:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
+
+
+class LiveAdmin(LiveIngress):
+    """The admin app (``relay.admin.app.create_app``) served the same way; ``url`` is its base."""
+
+    def __init__(self, config: Config) -> None:
+        from relay.admin.app import create_app as admin_app
+
+        super().__init__(config, admin_app)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def call(url: str, method: str = "GET", body: Any = None, token: str | None = None,
+         timeout: float = 15.0) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request: (status, headers, the body decoded as JSON, or as text if not JSON).
+    ``body``: JSON-encoded unless bytes; ``token``: sent as ``Authorization: Bearer``."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Accept": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = None
+    if body is not None:
+        data = body if isinstance(body, bytes) else msgspec.json.encode(body)
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, got, raw = resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        status, got, raw = exc.code, dict(exc.headers), exc.read()
+    try:
+        return status, got, msgspec.json.decode(raw) if raw else None
+    except msgspec.DecodeError:
+        return status, got, raw.decode(errors="replace")
+
+
+def order_event(event_id: str, event_type: str, orders: tuple[str, ...] = ("20-X",)) -> bytes:
+    """An envelope of one event type with one resource per Ingram order number."""
+    return msgspec.json.encode({
+        "topic": "resellers/orders", "event": "im::updated", "eventId": event_id,
+        "eventTimeStamp": "2024-01-01T00:00:00Z",
+        "resource": [{"eventType": event_type, "orderNumber": o, "lines": []} for o in orders],
+    })
+
+
+def enqueue_events(client: Any, bodies: list[bytes], prefix: str = "relay:") -> list[str]:
+    """``enqueue_event`` for many at once: stored together in batches (one fan-out task each),
+    as the ingress stores concurrent requests."""
+    import redis.asyncio as aioredis
+
+    from relay.ingress.store import EventStore
+    from relay.keys import Keys
+    from relay.models import StoredEvent, parse_envelope
+
+    now = time.time()
+    records = []
+    for body in bodies:
+        envelope = parse_envelope(body)
+        records.append(StoredEvent(event_id=envelope.eventId, topic=envelope.topic,
+                                   event_types=envelope.event_types(), received_at=now,
+                                   body=body, order_numbers=envelope.order_numbers()))
+    params = client.connection_pool.connection_kwargs
+
+    async def accept() -> list[bool]:
+        aclient = aioredis.Redis(host=params.get("host", "127.0.0.1"),
+                                 port=params.get("port", 6379), db=params.get("db", 0))
+        try:
+            store = EventStore(aclient, Keys(prefix=prefix), 86400, 86400)
+            return list(await asyncio.gather(*(store.accept(r) for r in records)))
+        finally:
+            await aclient.aclose()
+
+    assert all(_run(accept())), "some events were stored before"
+    return [r.event_id for r in records]

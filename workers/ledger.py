@@ -142,12 +142,24 @@ redis.call('EXPIRE', KEYS[4], ARGV[9])
 return transitions
 """)
 
-# KEYS: schedule, held. ARGV: lease, member, now ms. An attempt admitted to no post (paused,
-# disabled, breaker open): its lease becomes a held attempt, unless the lease already fell due
-# and was queued (then that message holds it when it runs).
-HOLD = Script("""
+# Whether the subscriber is held *now*, as ``health:{sub}`` says. A worker decides to hold an
+# attempt from what it read a moment ago (its gate's cached verdict lasts a second); if an
+# operator resumed the subscriber meanwhile, the resume has already released ``held:{sub}``
+# and nothing would release it again: such an attempt goes to the schedule, due at once.
+HELD_NOW_FN = """
+local function held_now(health)
+  if redis.call('HGET', health, 'paused') == '1' then return true end
+  local state = redis.call('HGET', health, 'state')
+  return state == 'open' or state == 'half' or state == 'disabled'
+end
+"""
+
+# KEYS: schedule, held, health. ARGV: lease, member, now ms. An attempt admitted to no post
+# (paused, disabled, breaker open): its lease becomes a held attempt, unless the lease already
+# fell due and was queued (then that message holds it when it runs).
+HOLD = Script(HELD_NOW_FN + """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+  redis.call('ZADD', held_now(KEYS[3]) and KEYS[2] or KEYS[1], ARGV[3], ARGV[2])
   return 1
 end
 return 0
@@ -161,6 +173,16 @@ for _, member in ipairs(members) do
   redis.call('ZADD', KEYS[2], ARGV[2], member)
 end
 return members
+""")
+
+# KEYS: held, health, schedule. ARGV: score, member, ... Attempts a task holds without posting
+# (its gate's cached verdict): held, or due at once if the subscriber was resumed meanwhile.
+HOLD_NEW = Script(HELD_NOW_FN + """
+local target = held_now(KEYS[2]) and KEYS[1] or KEYS[3]
+for i = 1, #ARGV, 2 do
+  redis.call('ZADD', target, ARGV[i], ARGV[i + 1])
+end
+return #ARGV / 2
 """)
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -257,7 +279,8 @@ class Ledger:
         if leases:
             commands.append(("ZADD", self._k.schedule, *_scored(leases)))
         for sub, members in held.items():
-            commands.append(("ZADD", self._k.held(sub), *_scored(members)))
+            commands.append(("EVAL", HOLD_NEW.text, 3, self._k.held(sub), self._k.health(sub),
+                             self._k.schedule, *_scored(members)))
         for sub, members in (parked or {}).items():
             # NX: a parked attempt keeps its place in line if it is parked again
             commands.append(("ZADD", self._k.parked(sub), "NX", *_scored(members)))
@@ -282,7 +305,8 @@ class Ledger:
         await self.run([("ZADD", self._k.schedule, "XX", *_scored(leases))])
 
     async def hold(self, sub: str, lease: bytes, member: bytes) -> None:
-        await self.script(HOLD, (self._k.schedule, self._k.held(sub)), (lease, member, now_ms()))
+        await self.script(HOLD, (self._k.schedule, self._k.held(sub), self._k.health(sub)),
+                          (lease, member, now_ms()))
 
     async def succeeded(self, event_id: str, sub: Subscriber, lease: bytes,
                         record: Attempt) -> list[str]:

@@ -5,13 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/relay.dev.yaml
 
-.PHONY: run test lint bench bench-smoke clean
+.PHONY: run test lint lock bench bench-smoke clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -34,7 +34,7 @@ lint: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
@@ -42,6 +42,11 @@ bench: $(BENCH_STAMP)
 
 bench-smoke: $(BENCH_STAMP)
 	$(BIN)/python -m bench.run --smoke --out var/bench-smoke $(BENCH_ARGS)
+
+# Pin what the tests ran with (after a dependency change): requirements.lock.
+lock: $(BENCH_STAMP)
+	@{ head -3 requirements.lock; $(BIN)/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.new
+	@mv requirements.lock.new requirements.lock
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

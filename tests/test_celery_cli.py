@@ -44,3 +44,28 @@ def test_plain_celery_worker_with_relay_config_env_delivers_and_retries(
     lines = [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
     assert any(e["msg"] == "delivered" and e.get("eventId") == "EVCELERYCLI" for e in lines)
     assert "scheduler started" in text
+
+
+def test_plain_celery_worker_takes_pool_size_from_the_yaml_and_logs_deliveries_without_l(
+        tmp_path: Path, redis_server, redis_client) -> None:
+    """``celery -A workers.app worker`` with neither -c nor -l: worker.concurrency from the
+    YAML sizes the pool, and the delivery lines are logged (relay's loggers at INFO)."""
+    sink = Sink().start()
+    try:
+        config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+            {"name": "cli", "url": sink.url("/cli"), "secret": "s"}],
+            worker={"pool": "prefork", "concurrency": 3})
+        log = tmp_path / "celery.log"
+        cmd = [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+               "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        with process(cmd, env={"RELAY_CONFIG": str(config)}, log_path=log) as proc:
+            # No "ready." line: that is Celery's own, at INFO; relay's own lines are there.
+            wait_until(lambda: b"scheduler started" in log.read_bytes()
+                       or proc.poll() is not None, 30, what="worker started")
+            enqueue_event(redis_client, event_body("EVPLAIN"))
+            sink.wait_for("/cli", 1, timeout=20)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            wait_until(lambda: b'"delivered"' in log.read_bytes(), 10, what="delivery logged")
+    finally:
+        sink.stop()
+    assert len(children) == 3

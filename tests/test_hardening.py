@@ -424,3 +424,29 @@ def test_the_contract_lives_in_docs() -> None:
         assert must in contract, must
     assert "docs/contract.md" in (ROOT / "README.md").read_text()
 
+
+
+# -- 7. dependency floors and the lock file -------------------------------------------------
+
+
+def test_the_lock_file_pins_every_dependency_at_or_above_its_floor() -> None:
+    """``make`` installs with requirements.lock as constraints (so CI installs from it);
+    each dependency must be pinned there, at a version its floor in pyproject.toml allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower().replace("_", "-")] = Version(version)
+    wanted = project["dependencies"] + project["optional-dependencies"]["dev"]
+    for text in wanted:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert name in pins, f"{name} is not in requirements.lock"
+        assert req.specifier.contains(pins[name]), (name, str(req.specifier), pins[name])
+    assert "-c requirements.lock" in (ROOT / "Makefile").read_text()

@@ -70,7 +70,8 @@ def test_up_with_sink_starts_its_own_redis_delivers_an_event_and_stops_everythin
     tree: set[int] = set()
     with open(log, "wb") as out:
         up = subprocess.Popen(relay_cmd("--config", str(config), "up", "--with-sink",
-                                        "--sink-port", str(sink_port)),
+                                        "--sink-port", str(sink_port), "--admin-port",
+                                        str(free_port())),
                               cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
                               start_new_session=True)
     try:
@@ -128,3 +129,87 @@ def test_up_with_sink_starts_its_own_redis_delivers_an_event_and_stops_everythin
         for pid in tree | descendants(up.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [msgspec.json.decode(line) for line in text.splitlines() if line.strip()]
+
+
+def test_up_says_which_process_exited_and_why_in_one_json_line_and_stops_the_rest(
+        tmp_path: Path) -> None:
+    """The ingress port is taken: ``relay up`` must not crash (it once did, on a log field
+    named like a LogRecord attribute), but say which process exited and why, stop the
+    others and exit non-zero; every line it writes is JSON."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    redis_port = free_port()
+    config = tmp_path / "relay.yaml"
+    config.write_text((ROOT / "config" / "relay.dev.yaml").read_text()
+                      .replace("port: 8080", f"port: {port}"))
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+    try:
+        out = subprocess.run(relay_cmd("--config", str(config), "up", "--admin-port",
+                                       str(free_port())),
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+    finally:
+        taken.close()
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = _json_lines(out.stdout + out.stderr)  # raises if any line is not JSON
+    exited = [e for e in lines if e["msg"] == "process exited; stopping the hub"]
+    assert len(exited) == 1, exited
+    assert exited[0]["proc"] == "ingress" and exited[0]["code"] == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in exited[0]["reason"]
+    assert lines[-1]["msg"] == "hub stopped"
+    assert not port_open(redis_port)  # its own Redis was stopped too
+
+
+def test_up_starts_its_own_redis_when_the_one_at_redis_url_fails_the_preflight(
+        tmp_path: Path) -> None:
+    """A distro Redis without AOF answers at REDIS_URL: adopting it would make a 202 not
+    durable. ``relay up`` says why and starts its own, with append-only persistence."""
+    unsafe_port = free_port()
+    unsafe = subprocess.Popen(["redis-server", "--port", str(unsafe_port), "--save", "",
+                               "--appendonly", "no", "--dir", str(tmp_path)],
+                              stdout=subprocess.DEVNULL)
+    ingress_port, sink_port = free_port(), free_port()
+    config = tmp_path / "relay.yaml"
+    config.write_text((ROOT / "config" / "relay.dev.yaml").read_text()
+                      .replace("port: 8080", f"port: {ingress_port}")
+                      .replace("127.0.0.1:9100", f"127.0.0.1:{sink_port}"))
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{unsafe_port}/0"}
+    log = tmp_path / "up.log"
+    up = None
+    try:
+        wait_until(lambda: port_open(unsafe_port), 10, what="the unsafe redis")
+        with open(log, "wb") as out:
+            up = subprocess.Popen(relay_cmd("--config", str(config), "up", "--with-sink",
+                                            "--sink-port", str(sink_port), "--admin-port",
+                                            str(free_port())),
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        wait_http(f"http://127.0.0.1:{ingress_port}/readyz", timeout=40)
+        sent = subprocess.run(relay_cmd("--config", str(config), "send",
+                                        str(SAMPLES / "order_shipped.json"), "--url",
+                                        f"http://127.0.0.1:{ingress_port}/webhooks/ingram"),
+                              env=env, capture_output=True, text=True, timeout=30)
+        assert sent.stdout.startswith("202"), sent
+        wait_until(lambda: "X-Hub-Signature verified" in log.read_text(), 20,
+                   what="delivered to the demo sink")
+        why = next(e for e in _json_lines(log.read_text())
+                   if e["msg"].startswith("starting a local redis-server"))
+        assert "fails the preflight" in why["why"] and "appendonly is no" in why["why"]
+        assert why["port"] != unsafe_port
+        import redis as redis_lib
+
+        assert redis_lib.Redis(port=unsafe_port).dbsize() == 0  # nothing went to the unsafe one
+        os.kill(up.pid, signal.SIGTERM)
+        assert up.wait(60) == 0
+    finally:
+        if up is not None and up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+        unsafe.terminate()
+        unsafe.wait(10)

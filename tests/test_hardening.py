@@ -64,17 +64,19 @@ def test_a_busy_catalog_subscriber_does_not_delay_an_order_subscriber(
          "topics": ["resellers/catalog"]},
         {"name": "orders", "url": sink.url("/orders"), "secret": "s",
          "topics": ["resellers/orders"]},
-    ], worker={"max_in_flight": 40, "max_connections": 20})
-    # 10 posts open and 20 attempts held per subscriber: at 300 stock updates/s the catalog
-    # lane (10 posts of 30 ms: ~330/s) is crowded but quick, the case where a task used to
-    # wait (up to 2 s) for room in every lane before routing its events. Paced, so the
-    # machine is not simply out of CPU.
+    ], worker={"max_in_flight": 8, "max_connections": 4})
+    # 2 posts open and 4 attempts held per subscriber: at 100 stock updates/s the catalog
+    # lane (2 posts of 30 ms: ~66/s) is crowded but quick, the case where a task used to
+    # wait (up to 2 s) for room in every lane before routing its events; the rest of the
+    # burst is parked and pulled back as the lane drains. Paced well within what the whole
+    # pipeline on a small machine sustains (docs/benchmarks.md), so that what is measured
+    # is isolation, not an overloaded CPU.
     sent: dict[str, float] = {}
     with process([sys.executable, "-c", SLOW_SINK, str(catalog_port)]), \
             worker(config, tmp_path / "worker.log"), \
             ingress(config, tmp_path / "in.log") as url:
         wait_http(f"http://127.0.0.1:{catalog_port}/count")
-        with process([sys.executable, "-c", BURST, url, "1200", "300"]) as burst:
+        with process([sys.executable, "-c", BURST, url, "400", "100"]) as burst:
             time.sleep(0.5)
             for i in range(25):
                 event_id = f"EVORDER{i:02d}"
@@ -84,13 +86,13 @@ def test_a_busy_catalog_subscriber_does_not_delay_an_order_subscriber(
             catalog_during = _count(catalog_port)
             assert burst.wait(60) == 0
         got = sink.wait_for("/orders", len(sent))
-        wait_until(lambda: _count(catalog_port) >= 1200, 60, what="the whole burst delivered")
+        wait_until(lambda: _count(catalog_port) >= 400, 60, what="the whole burst delivered")
     latencies = sorted(r.arrived - sent[r.event_id] for r in got)
     p95 = statistics.quantiles(latencies, n=20)[18]
     print(f"\nHARDENING-FIGURES orders p50 {statistics.median(latencies) * 1000:.1f} ms, "
           f"p95 {p95 * 1000:.1f} ms while the catalog subscriber took {catalog_during} of a "
-          f"1200-event burst")
-    assert 0 < catalog_during < 1200, "the orders did not overlap the burst"
+          f"400-event burst")
+    assert 0 < catalog_during < 400, "the orders did not overlap the burst"
     assert p95 < 0.050, [round(x * 1000, 1) for x in latencies]
 
 

@@ -323,38 +323,39 @@ class Engine:
                 lane.held += 1
 
     async def _pull(self, name: str) -> None:
-        """Take parked attempts of ``name`` into its lane, as many as it has room for."""
+        """Take parked attempts of ``name`` into its lane while it has room for them."""
         lane, sub = self.lanes[name], self.subscribers.get(name)
-        room = lane.hold - lane.held
-        if sub is None or room <= 0 or lane.pulling:
+        if sub is None or lane.pulling:
             return
         lane.pulling = True
         try:
-            now = now_ms()
-            members = await self.ledger.pull(name, room, now + self.leases.lease_ms(sub))
-            if len(members) < room:
-                lane.parked = False  # drained (for now)
-            if not members:
-                return
-            taken = [(m, read_deliver_message(m)) for m in members]
-            ids = [str(args.event_id) for _, args in taken]
-            loaded = await self.ledger.load(ids)
-            plan = _Plan()
-            for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
-                try:
-                    self._plan_event(plan, event_id, item, [name], args.attempt, None, {}, now,
-                                     lease=member)
-                except Exception as exc:
-                    plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
-                                      item.event))
-            await self._commit(plan, None)
-            # What was not launched (delivered meanwhile, held, dead-lettered) needs no lease.
-            done = [m for m in members if m not in plan.leases]
-            if done:
-                await self._persist(lambda: self.ledger.run(
-                    [("ZREM", self.keys.schedule, *done)]))
+            while lane.parked and (room := lane.hold - lane.held) > 0:
+                members = await self.ledger.pull(name, room,
+                                                 now_ms() + self.leases.lease_ms(sub))
+                if len(members) < room:
+                    lane.parked = False  # drained (for now)
+                if members:
+                    await self._launch_pulled(sub, members)
         finally:
             lane.pulling = False
+
+    async def _launch_pulled(self, sub: Subscriber, members: list[bytes]) -> None:
+        taken = [(m, read_deliver_message(m)) for m in members]
+        ids = [str(args.event_id) for _, args in taken]
+        loaded = await self.ledger.load(ids)
+        plan, now = _Plan(), now_ms()
+        for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
+            try:
+                self._plan_event(plan, event_id, item, [sub.name], args.attempt, None, {}, now,
+                                 lease=member)
+            except Exception as exc:
+                plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
+                                  item.event))
+        await self._commit(plan, None)
+        # What was not launched (delivered meanwhile, held, dead-lettered) needs no lease.
+        done = [m for m in members if m not in plan.leases]
+        if done:
+            await self._persist(lambda: self.ledger.run([("ZREM", self.keys.schedule, *done)]))
 
     async def _puller(self) -> None:
         """Pull parked attempts into lanes with room: at once when a post ends (``_finished``)

@@ -385,3 +385,98 @@ def test_ingress_refuses_to_start_on_bad_config(tmp_path):
     result = run_relay("ingress", "--config", str(path), "--port", "1", env=env)
     assert result.returncode == 2
     assert "subscribers[1].secret" in result.stderr and "WMS_SECRET" in result.stderr
+
+
+# --- what the hub refuses since it can change safely -------------------------------------
+
+
+def test_retention_shorter_than_a_retry_horizon_is_refused_naming_both(tmp_path):
+    text = ("redis:\n  retention: 1h\ningress:\n  secrets: [s]\nsubscribers:\n"
+            "  - {name: erp, url: 'http://e.example/h', secret: x, max_attempts: 12,\n"
+            "     backoff: {initial: 5s, max: 1h}}\n")
+    message = refused(tmp_path, text)
+    assert "redis.retention" in message and "subscribers[0] (erp)" in message
+    assert "max_attempts 12" in message and "backoff.max 1h" in message
+
+
+@pytest.mark.parametrize("line,path", [
+    ("  retention: 500ms", "redis.retention"),
+    ("  prefix: 'has space'", "redis.prefix"),
+    ("  min_replicas: -1", "redis.min_replicas"),
+    ("  sentinel: {hosts: [nohostport], master: m}", "redis.sentinel.hosts[0]"),
+    ("  sentinel: {hosts: ['h:26379'], master: ''}", "redis.sentinel.master"),
+])
+def test_bad_redis_settings_are_refused(tmp_path, line, path):
+    assert path in refused(tmp_path, "redis:\n" + line + "\n" + MINIMAL)
+
+
+@pytest.mark.parametrize("line,path", [
+    ("  lease_grace: 50ms", "worker.lease_grace"),
+    ("  visibility_timeout: 3m", "worker.visibility_timeout"),
+    ("  visibility_timeout: 1s", "worker.visibility_timeout"),
+    ("  queue: 'a queue'", "worker.queue"),
+])
+def test_worker_timings_that_break_recovery_are_refused(tmp_path, line, path):
+    assert path in refused(tmp_path, MINIMAL + "worker:\n" + line + "\n")
+
+
+def test_timeout_plus_lease_grace_over_two_minutes_is_a_warning_check_config_prints(tmp_path):
+    path = write(tmp_path, MINIMAL + "worker:\n  lease_grace: 60s\nsubscribers:\n"
+                 "  - {name: slow, url: 'http://s.example/h', secret: x, timeout: 90s}\n")
+    config = load_config(path, {})
+    assert any("subscribers[0] (slow)" in w and "lease_grace" in w for w in config.warnings)
+    result = run_relay("--config", str(path), "check-config")
+    assert result.returncode == 0 and "warning:" in result.stderr
+
+
+def test_admin_off_loopback_needs_a_token(tmp_path):
+    assert "admin.token" in refused(tmp_path, MINIMAL + "admin:\n  host: 0.0.0.0\n")
+    config = load_config(write(tmp_path, MINIMAL + "admin:\n  host: 0.0.0.0\n  token: t\n"), {})
+    assert config.admin.token == "t"
+
+
+@pytest.mark.parametrize("written,per_second", [("50/s", 50.0), ("120/m", 2.0), ("0.5/s", 0.5)])
+def test_rate_limits_are_read_per_second(tmp_path, written, per_second):
+    config = load_config(write(tmp_path, MINIMAL + f"delivery:\n  rate_limit: {written}\n"
+                               "subscribers:\n  - {name: a, url: 'http://a.example/', "
+                               "secret: x}\n"), {})
+    assert config.subscribers[0].rate_limit == pytest.approx(per_second)
+
+
+def test_health_settings_are_inherited_and_overridden_per_subscriber(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL + (
+        "delivery:\n  circuit_breaker: {failures: 3, cool_down: 1s, max_cool_down: 4s}\n"
+        "  disable_after: 1h\nsubscribers:\n"
+        "  - {name: a, url: 'http://a.example/', secret: x}\n"
+        "  - {name: b, url: 'http://b.example/', secret: x, disable_after: 0s,\n"
+        "     circuit_breaker: {failures: 0}}\n")), {})
+    a, b = config.subscribers
+    breaker = a.circuit_breaker
+    assert (breaker.failures, breaker.cool_down, a.disable_after) == (3, 1, 3600)
+    assert (b.circuit_breaker.failures, b.disable_after) == (0, 0)
+    assert "max_cool_down" in refused(tmp_path, MINIMAL + (
+        "delivery:\n  circuit_breaker: {cool_down: 10s, max_cool_down: 1s}\n"))
+
+
+def test_a_reload_keeps_restart_only_keys_and_names_them():
+    from relay.config import live_part, parse_config, restart_required
+
+    old = parse_config(MINIMAL + "worker:\n  concurrency: 2\n", "a.yaml", {})
+    new = parse_config("redis:\n  url: redis://other:6379/0\n" + MINIMAL +
+                       "worker:\n  concurrency: 4\n  max_in_flight: 50\n", "a.yaml", {})
+    assert restart_required(old, new) == ["redis.url", "worker.concurrency"]
+    applied = live_part(old, new)
+    assert applied.redis.url == old.redis.url and applied.worker.concurrency == 2
+    assert applied.worker.max_in_flight == 50
+
+
+def test_the_redis_preflight_names_each_problem_and_its_fix():
+    from relay.connections import problems
+
+    fatal, unsafe = problems({"redis_version": "6.0.16", "aof_enabled": 0,
+                              "maxmemory_policy": "allkeys-lru"})
+    assert "Redis 6.0.16 is older than 6.2" in fatal[0]
+    assert any("appendonly yes" in p for p in unsafe)
+    assert any("maxmemory-policy is allkeys-lru" in p and "noeviction" in p for p in unsafe)
+    assert problems({"redis_version": "7.0.15", "aof_enabled": 1,
+                     "maxmemory_policy": "noeviction"}) == ([], [])

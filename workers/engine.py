@@ -64,7 +64,7 @@ HEALTH_NEWS = {"opened": "circuit breaker opened: attempts are held until a prob
                "recovered": "subscriber recovered: held attempts flow again",
                "disabled": "subscriber disabled after failing too long: resume it to retry"}
 #: How often a lane with room looks for parked attempts left by other processes.
-PULL_SECONDS = 0.25
+PULL_SECONDS = 1.0
 #: Subscriber name of a dead letter for an event whose record expired before any subscriber
 #: was chosen for it (its fan-out found nothing to route).
 ANY = "*"

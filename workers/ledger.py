@@ -58,11 +58,16 @@ end
 
 -- Health: only an attempt that was made moves the breaker.
 local h = KEYS[7]
-local state = redis.call('HGET', h, 'state') or 'closed'
+local current = redis.call('HMGET', h, 'state', 'failures')
+local state = current[1] or 'closed'
 if record ~= '' and mode == 'ok' then
-  redis.call('HSET', h, 'state', 'closed', 'failures', 0, 'last_success_at', now)
-  redis.call('HDEL', h, 'failing_since', 'open_until', 'probe_until', 'cool_down', 'disabled_at')
-  redis.call('ZREM', KEYS[8], sub)
+  redis.call('HSET', h, 'last_success_at', now)
+  if state ~= 'closed' or (current[2] and current[2] ~= '0') then  -- a healthy one: nothing else
+    redis.call('HSET', h, 'state', 'closed', 'failures', 0)
+    redis.call('HDEL', h, 'failing_since', 'open_until', 'probe_until', 'cool_down',
+               'disabled_at')
+    redis.call('ZREM', KEYS[8], sub)
+  end
   if state ~= 'closed' then
     transitions[#transitions + 1] = 'recovered'
     if redis.call('HGET', h, 'paused') ~= '1' then

@@ -9,7 +9,7 @@ from relay.signatures import sign_ingram
 INGRESS_SECRET = "bench-ingress-secret"
 EVENT_TYPE = "im::order_shipped"
 
-# Shaped like ../shared/samples/order_shipped.json, so envelope validation does real work.
+# Shaped like tests/shared/samples/order_shipped.json, so envelope validation does real work.
 _TEMPLATE = {
     "topic": "resellers/orders",
     "event": "im::updated",

@@ -4,7 +4,7 @@ Loading does three things a plain ``yaml.safe_load`` cannot:
 
 * ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment. They are swapped for
   inert tokens *before* YAML parses the text and filled in *after*, so a secret containing
-  ``:``, ``#`` or ``]`` cannot change the document's structure, and the SPEC's
+  ``:``, ``#`` or ``]`` cannot change the document's structure, and the documented
   ``secrets: [${INGRAM_WEBHOOK_SECRET}]`` (which YAML alone refuses: ``{`` is a flow indicator)
   parses.
 * Durations are written ``500ms``, ``10s``, ``5m``, ``2h``, ``7d`` and become seconds.
@@ -367,7 +367,8 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")           # HTAB is allowed i
 #: Headers the HTTP client must own: a subscriber setting them would corrupt the request.
 _FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-#: The SPEC promises that a killed worker's work is delivered again within two minutes.
+#: The hub promises that a killed worker's work is delivered again within two minutes
+#: (docs/contract.md).
 RECOVERY_PROMISE = 120.0
 
 

@@ -161,6 +161,9 @@ def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
                     extra={"why": why, "port": redis_port, "dir": str(var_dir / "redis")})
         own_redis = start_local_redis(redis_port, var_dir)
         env[REDIS_URL_OVERRIDE] = f"redis://127.0.0.1:{redis_port}/0"
+        log.warning("operator commands (relay status, events, dlq, subscribers) must be "
+                    "pointed at this Redis too", extra={
+                        "env": f"{REDIS_URL_OVERRIDE}={env[REDIS_URL_OVERRIDE]}"})
 
     base = [sys.executable, "-m", "relay.cli", "--log-level", log_level,
             "--config", config.source]

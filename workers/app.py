@@ -125,8 +125,10 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
     app.conf.update(
         task_default_queue=Keys.of(config).queue,
         task_ignore_result=True,
-        # At-least-once: a task is acknowledged only once it has leased its attempts, and a
-        # task whose process died is handed out again.
+        # At-least-once: a task whose process died is handed out again. (A task returns once
+        # it has handed its events to the delivery loop; until their leases are written, its
+        # message stays noted in ``unclaimed`` and is queued again if the process dies:
+        # workers/engine.py Engine.start.)
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=False,

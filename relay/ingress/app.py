@@ -1,4 +1,4 @@
-"""The aiohttp application: routes and the answer table of SPEC.md ("Ingress").
+"""The aiohttp application: routes and the answer table of docs/contract.md ("Ingress").
 
 Order of checks, cheapest and least revealing first: media type (415), size (413), signature
 header present (401), JSON envelope (400, with the JSON path), signature valid (401), store

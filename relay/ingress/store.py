@@ -7,7 +7,8 @@ new, LPUSH *one* fan-out task for the whole batch onto the Celery queue and note
 ``unclaimed`` (queued again if no worker takes it: see ``relay/keys.py``). "Stored" and
 "queued" never disagree, even if Redis dies mid-way (a script's effects reach the AOF as one
 MULTI/EXEC). One task per batch rather than per event: a Celery message costs a worker
-milliseconds of CPU whatever it carries (docs/benchmarks.md), so under load this cost is shared by the batch.
+milliseconds of CPU whatever it carries (docs/benchmarks.md), so under load this cost is
+shared by the batch.
 
 The script names its keys from the prefix it is given rather than in KEYS: fine on a single
 Redis (the hub's deployment), not on Redis Cluster.

@@ -52,7 +52,7 @@ def relay(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_busy_catalog_subscriber_does_not_delay_an_order_subscriber(
         tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
-    """A catalog-only subscriber answering in 30 ms under a stock-update burst; an
+    """A catalog-only subscriber answering in 60 ms under a stock-update burst; an
     order-only subscriber answering at once gets one order event every 100 ms: its p95 from
     POST to receipt stays under 50 ms.
 
@@ -65,8 +65,8 @@ def test_a_busy_catalog_subscriber_does_not_delay_an_order_subscriber(
         {"name": "orders", "url": sink.url("/orders"), "secret": "s",
          "topics": ["resellers/orders"]},
     ], worker={"max_in_flight": 8, "max_connections": 4})
-    # 2 posts open and 4 attempts held per subscriber: at 100 stock updates/s the catalog
-    # lane (2 posts of 30 ms: ~66/s) is crowded but quick, the case where a task used to
+    # 2 posts open and 4 attempts held per subscriber: at 50 stock updates/s the catalog
+    # lane (2 posts of 60 ms: ~33/s) is crowded but quick, the case where a task used to
     # wait (up to 2 s) for room in every lane before routing its events; the rest of the
     # burst is parked and pulled back as the lane drains. Paced well within what the whole
     # pipeline on a small machine sustains (docs/benchmarks.md), so that what is measured
@@ -76,7 +76,7 @@ def test_a_busy_catalog_subscriber_does_not_delay_an_order_subscriber(
             worker(config, tmp_path / "worker.log"), \
             ingress(config, tmp_path / "in.log") as url:
         wait_http(f"http://127.0.0.1:{catalog_port}/count")
-        with process([sys.executable, "-c", BURST, url, "500", "100"]) as burst:
+        with process([sys.executable, "-c", BURST, url, "250", "50"]) as burst:
             time.sleep(0.5)
             for i in range(40):
                 event_id = f"EVORDER{i:02d}"
@@ -86,24 +86,24 @@ def test_a_busy_catalog_subscriber_does_not_delay_an_order_subscriber(
             catalog_during = _count(catalog_port)
             assert burst.wait(60) == 0
         got = sink.wait_for("/orders", len(sent))
-        wait_until(lambda: _count(catalog_port) >= 500, 60, what="the whole burst delivered")
+        wait_until(lambda: _count(catalog_port) >= 250, 60, what="the whole burst delivered")
     latencies = sorted(r.arrived - sent[r.event_id] for r in got)
     p95 = statistics.quantiles(latencies, n=20)[18]
     print(f"\nHARDENING-FIGURES orders p50 {statistics.median(latencies) * 1000:.1f} ms, "
           f"p95 {p95 * 1000:.1f} ms while the catalog subscriber took {catalog_during} of a "
-          f"500-event burst")
-    assert 0 < catalog_during < 500, "the orders did not overlap the burst"
+          f"250-event burst")
+    assert 0 < catalog_during < 250, "the orders did not overlap the burst"
     assert p95 < 0.050, [round(x * 1000, 1) for x in latencies]
 
 
-#: A subscriber that answers every post after 30 ms, in its own process; GET /count.
+#: A subscriber that answers every post after 60 ms, in its own process; GET /count.
 SLOW_SINK = """
 import asyncio, sys
 from aiohttp import web
 seen = [0]
 async def hook(request):
     await request.read()
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.06)
     seen[0] += 1
     return web.Response(text="ok")
 async def count(request):

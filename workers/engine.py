@@ -426,7 +426,10 @@ class Engine:
             log.error("delivery task failed", exc_info=task.exception())
         if lane.waiting and lane.open < lane.width:
             self._open(lane, *lane.waiting.popleft())
-        elif lane.parked and not lane.pulling and lane.name in self.subscribers:
+        if (lane.parked and not lane.pulling and len(lane.waiting) <= lane.width // 2
+                and lane.name in self.subscribers):
+            # Refill from the parked attempts before the lane runs dry, in one go: a pull is
+            # three round trips whatever it takes, so not one per finished post.
             self._background_pull(lane.name)
 
     # -- one attempt ------------------------------------------------------------------------

@@ -139,7 +139,10 @@ class Sink:
 
 def write_config(path: Path, redis_url: str, subscribers: list[dict[str, Any]],
                  delivery: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
-                 ingress: dict[str, Any] | None = None) -> Path:
+                 ingress: dict[str, Any] | None = None,
+                 redis: dict[str, Any] | None = None) -> Path:
+    """A hub config; ``redis`` adds to or overrides the ``redis:`` section (e.g. ``sentinel``,
+    ``min_replicas``)."""
     delivery = dict(delivery or {"timeout": "2s", "max_attempts": 5,
                                  "backoff": {"initial": "100ms", "max": "1s"}})
     # Tests of retries and dead letters make subscribers fail on purpose, and a circuit
@@ -147,7 +150,7 @@ def write_config(path: Path, redis_url: str, subscribers: list[dict[str, Any]],
     # own tests set it.
     delivery.setdefault("circuit_breaker", {"failures": 0})
     doc = {
-        "redis": {"url": redis_url},
+        "redis": {"url": redis_url, **(redis or {})},
         "ingress": {"secrets": [INGRESS_SECRET], "port": free_port(), **(ingress or {})},
         "delivery": delivery,
         "worker": {"pool": "prefork", "concurrency": 1, "lease_grace": "5s",

@@ -1,18 +1,21 @@
 """relay/connections.py with ``redis.sentinel``: Celery's broker URL, sentinels that are
-down."""
+down, and ``relay up``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
+from pathlib import Path
 
 import pytest
 from kombu import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from relay.config import RedisSettings, SentinelSettings
+from relay.config import RedisSettings, SentinelSettings, parse_config
 from relay.connections import async_client, celery_broker, describe, sync_client
+from relay.up import run_up
 from tests.support import free_port
 
 
@@ -83,3 +86,18 @@ def test_a_sentinel_that_is_down_is_passed_over_at_once_by_every_client() -> Non
     finally:
         with contextlib.suppress(Exception):  # kombu's close after a failed connect
             conn.release()
+
+
+def test_relay_up_does_not_start_a_redis_of_its_own_when_the_sentinels_do_not_answer(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(3)]  # nothing listens there
+    config = parse_config(
+        "redis:\n"
+        f"  sentinel: {{hosts: [{', '.join(hosts)}], master: mymaster}}\n"
+        "  url: redis://:pw@/0\n"
+        "ingress: {secrets: [s]}\n", "relay.yaml", {})
+    with caplog.at_level(logging.ERROR, logger="relay.up"):
+        code = run_up(config, host=None, port=None, with_sink=False, var_dir=tmp_path / "var")
+    assert code == 2
+    assert not (tmp_path / "var").exists()  # no redis-server was started
+    assert "Sentinel set is not usable" in caplog.text

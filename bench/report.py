@@ -385,7 +385,7 @@ def steady_markdown(r: dict[str, Any]) -> str:
 
 
 REDIS_HEADER = ["run", "per", "commands", "redis CPU µs", "bytes in", "bytes out",
-                "to replica", "commands (most frequent)"]
+                "to replica", "memory held", "commands (most frequent)"]
 
 
 def redis_rows(r: dict[str, Any]) -> list[list[str]]:
@@ -409,7 +409,7 @@ def redis_rows(r: dict[str, Any]) -> list[list[str]]:
         top = ", ".join(f"{k} {v:g}" for k, v in list(cost["by_command"].items())[:6])
         out.append([name, per, f"{cost['commands']:g}", _n(cpu_us, "", 1),
                     _n(cost["net_in_bytes"]), _n(client_out), _n(cost.get("repl_out_bytes")),
-                    top])
+                    _n(cost.get("memory_bytes")), top])
     return out
 
 
@@ -418,7 +418,8 @@ def redis_markdown(r: dict[str, Any]) -> str:
     if not body:
         return ""
     out = ["", "### Redis per event and per delivery", "",
-           "From Redis's own counters (`INFO commandstats`, `INFO stats`) just before and just "
+           "From Redis's own counters (`INFO commandstats`, `INFO stats`, `INFO memory`) just "
+           "before and just "
            "after each run, divided by the events stored (ingress runs, workers stopped) or the "
            "deliveries received (end to end: everything from the first POST to the last "
            "delivery, the ingress's writes and the scheduler's polls included). Commands: all "
@@ -426,7 +427,11 @@ def redis_markdown(r: dict[str, Any]) -> str:
            "names (besides the EVALSHA or EXEC that ran them). Redis CPU µs: the redis-server "
            "process's CPU time over the run (/proc, network I/O included), per item; 1 s over "
            "it is what one Redis core could carry of that load alone. Bytes in/out: client "
-           "traffic; to replica: the replication stream, per replica.", "",
+           "traffic; to replica: the replication stream, per replica (the AOF gets the same "
+           "stream). Memory held: `used_memory` after the run less before it, per item: what "
+           "its records, dedupe markers and indexes take for as long as they are kept "
+           "(`redis.retention`, `ingress.dedupe_window`); the first run with a replica also "
+           "holds the 1 MB replication backlog it creates.", "",
            "| " + " | ".join(REDIS_HEADER) + " |", "|" + "---|" * len(REDIS_HEADER)]
     out += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(out)

@@ -133,18 +133,20 @@ NET_STATS = {"total_net_input_bytes": "net_in_bytes", "total_net_output_bytes": 
 
 
 def redis_snapshot(client: Any) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
-    """``redis_calls`` and the network byte counters of INFO stats, now."""
+    """``redis_calls``, the network byte counters of INFO stats and ``used_memory``, now."""
     stats = client.info("stats")
-    return redis_calls(client), {k: int(stats.get(k, 0)) for k in NET_STATS}
+    counters = {k: int(stats.get(k, 0)) for k in NET_STATS}
+    counters["used_memory"] = int(client.info("memory")["used_memory"])
+    return redis_calls(client), counters
 
 
 def redis_cost(before: Any, after: Any, items: int) -> dict[str, Any] | None:
     """What Redis did between two ``redis_snapshot``s, per item (event or delivery): commands
     (those run inside Lua scripts and MULTI blocks counted too, under their own names, besides
-    the EVALSHA or EXEC that ran them) and bytes in and out (Redis 7's ``net_out`` includes
-    the replication stream, also given apart). Not commandstats' ``usec``: a script's time
-    holds that of the commands it ran, which have their own, so a sum counts them twice; the
-    redis-server process's CPU time (the sampler's) is the cost."""
+    the EVALSHA or EXEC that ran them), bytes in and out (Redis 7's ``net_out`` includes the
+    replication stream, also given apart) and the memory the run left held. Not commandstats'
+    ``usec``: a script's time holds that of the commands it ran, which have their own, so a
+    sum counts them twice; the redis-server process's CPU time (the sampler's) is the cost."""
     if items <= 0:
         return None
     calls = calls_between(before[0], after[0])
@@ -156,6 +158,9 @@ def redis_cost(before: Any, after: Any, items: int) -> dict[str, Any] | None:
     }
     for key, name in NET_STATS.items():
         out[name] = round((after[1][key] - before[1][key]) / items, 1)
+    # What the run left in Redis's memory (records kept for redis.retention, dedupe markers,
+    # indexes, what is still queued), per item.
+    out["memory_bytes"] = round((after[1]["used_memory"] - before[1]["used_memory"]) / items)
     return out
 
 

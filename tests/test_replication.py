@@ -37,6 +37,8 @@ class Pair:
 
     def start(self) -> Pair:
         self.primary.start()
+        with self.primary.client() as c:
+            c.config_set("repl-diskless-sync-delay", 0)  # the first sync now, not in 5 s
         self.replica.start()
 
         def linked() -> bool:

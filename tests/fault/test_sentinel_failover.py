@@ -23,6 +23,8 @@ failover itself, at the cost of a third copy of the data.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import shutil
 import threading
 import time
@@ -67,6 +69,18 @@ def ready(base: str) -> int:
             return int(resp.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
+
+
+def worker_reconnected(log: Path, after: float) -> float | None:
+    """Seconds from ``after`` (wall clock) to the worker's first broker connection after it."""
+    for line in log.read_text(errors="replace").splitlines():
+        if '"Connected to sentinel://' not in line:
+            continue
+        entry = json.loads(line)
+        at = datetime.datetime.fromisoformat(entry["ts"].replace("Z", "+00:00")).timestamp()
+        if at > after:
+            return round(at - after, 2)
+    return None
 
 
 def test_sentinel_failover_under_load_every_2xx_is_delivered(
@@ -125,6 +139,7 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
         answered_before_kill = len(answers)
         old.kill()
         killed = time.monotonic()
+        killed_wall = time.time()
         timeline["kill_at_load_s"] = round(killed - load_started, 2)
 
         # The machine comes back once the sentinels have promoted the replica.
@@ -182,6 +197,9 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
                             if 200 <= status < 300 and first_refusal is not None
                             and at > first_refusal), None)
     not_ready = [at for at, status in probes if at >= killed and status != 200]
+    # When each worker's Celery consumer was connected again (its log, wall clock).
+    reconnected = [worker_reconnected(tmp_path / f"worker-{i}.log", killed_wall)
+                   for i in range(2)]
     figures: dict[str, Any] = {
         "fault": "sentinel failover: primary SIGKILLed under load, min_replicas 1, "
                  "2 ingress + 2 workers, old primary restarted once the replica was promoted",
@@ -202,6 +220,7 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
                                           round(not_ready[-1] - killed, 1)]
         if not_ready else None,
         "ready_after": ready_after,
+        "workers_consuming_again_s": reconnected,
         "hub_up_s": round(started_hub - began, 1),
         "total_s": round(time.monotonic() - began, 1),
     }

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import redis
@@ -224,16 +223,3 @@ class SentinelSet:
             node.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-
-def wait_role(node: Node, role: str, timeout: float = 30.0) -> float:
-    """Wait until ``node`` answers with ``role`` (``master``/``slave``); seconds waited."""
-    start = time.monotonic()
-
-    def has() -> bool:
-        try:
-            return node.role() == role
-        except (redis.RedisError, OSError):
-            return False
-
-    wait_until(has, timeout, 0.05, what=f"{node.name} as {role}")
-    return time.monotonic() - start

@@ -73,9 +73,10 @@ class Sinks:
 
 
 def write_config(path: Path, redis_url: str, ingress_port: int, subscribers: list[str],
-                 worker: dict[str, Any], ingress: dict[str, Any] | None = None) -> Path:
+                 worker: dict[str, Any], ingress: dict[str, Any] | None = None,
+                 redis: dict[str, Any] | None = None) -> Path:
     doc = {
-        "redis": {"url": redis_url},
+        "redis": {"url": redis_url, **(redis or {})},
         "ingress": {"secrets": [INGRESS_SECRET], "host": "127.0.0.1", "port": ingress_port,
                     **(ingress or {})},
         "delivery": {"timeout": "10s", "max_attempts": 8,
@@ -103,9 +104,11 @@ def relay_proc(name: str, config: Path, command: str, log_dir: Path) -> Proc:
 
 
 class Ingress:
-    def __init__(self, config: Path, port: int, log_dir: Path) -> None:
+    def __init__(self, config: Path, port: int, log_dir: Path, name: str = "ingress") -> None:
         self.port = port
-        self.proc = relay_proc("ingress", config, "ingress", log_dir)
+        #: Its name in logs and in the RSS/CPU sampler.
+        self.role = name
+        self.proc = relay_proc(name, config, "ingress", log_dir)
         wait_http(f"http://127.0.0.1:{port}/healthz")
 
     @property

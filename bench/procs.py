@@ -104,18 +104,22 @@ def python_cmd(*args: str) -> list[str]:
 
 
 class RedisServer:
-    """A private ``redis-server`` on a free port, AOF on, in a temp dir (never port 6379)."""
+    """A private ``redis-server`` on a free port, AOF on, in a temp dir (never port 6379);
+    with ``replica_of``, a replica of the one on that port."""
 
-    def __init__(self, appendfsync: str, log_dir: Path) -> None:
+    def __init__(self, appendfsync: str, log_dir: Path, replica_of: int | None = None,
+                 name: str = "redis") -> None:
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="relay-bench-redis-"))
         self.appendfsync = appendfsync
         if shutil.which("redis-server") is None:
             raise SystemExit("redis-server is not installed (apt-get install -y redis-server)")
-        self.proc = Proc("redis", [
+        replication = ["--replicaof", "127.0.0.1", str(replica_of)] if replica_of else []
+        self.proc = Proc(name, [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", appendfsync,
-            "--save", "", "--protected-mode", "no", "--loglevel", "warning"], log_dir)
+            "--save", "", "--protected-mode", "no", "--loglevel", "warning", *replication],
+            log_dir)
         import redis
 
         client = redis.Redis(port=self.port)
@@ -138,6 +142,18 @@ class RedisServer:
         import redis
 
         return redis.Redis(port=self.port)
+
+    def wait_in_sync(self, primary: RedisServer, timeout: float) -> None:
+        """Wait until this replica is online on ``primary`` and has acknowledged all of it."""
+        def synced() -> bool:
+            with contextlib.closing(primary.client()) as c:
+                info = c.info("replication")
+            offset = int(info.get("master_repl_offset", 0))
+            return any(isinstance(v, dict) and v.get("port") == self.port
+                       and v.get("state") == "online" and int(v.get("offset", -1)) >= offset
+                       for v in info.values())
+
+        wait_until(synced, timeout, f"the replica on port {self.port} in sync")
 
     def set_fsync(self, mode: str) -> None:
         with contextlib.closing(self.client()) as c:

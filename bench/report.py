@@ -107,6 +107,7 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
             target, result = "(info)", ""
         out.append([f"ingress, appendfsync {mode} ({stored})", _n(ing["events_per_s"],
                     " events/s"), _n(ceiling, " req/s"), _n(ratio, "", 2), target, result])
+    out += replica_rows(r)
     egress = _get(r, "egress", "posts_per_s")
     out.append(["raw aiohttp client -> sinks (egress ceiling)", _n(egress, " posts/s"),
                 "", "", "", ""])
@@ -168,6 +169,28 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
     return out
 
 
+def replica_rows(r: dict[str, Any]) -> list[list[str]]:
+    """The ingress with a replica attached, ``redis.min_replicas`` 0 and 1 (``replicas``)."""
+    rep = r.get("replicas")
+    if not rep:
+        return []
+    a, b = rep["min_replicas_0"], rep["min_replicas_1"]
+
+    def stored(x: dict[str, Any]) -> str:
+        return (f"{x['stored']:,}/{x['requests']:,} stored, {x.get('on_replica', 0):,} on the "
+                f"replica{_rounds(x)}")
+
+    alone = rep.get("no_replica_events_per_s")
+    return [
+        [f"ingress, a replica attached, min_replicas 0 ({stored(a)})",
+         _n(a["events_per_s"], " events/s"), _n(alone, " events/s (no replica)"),
+         _n(_ratio(a["events_per_s"], alone), "", 2), "(info)", ""],
+        [f"ingress, min_replicas 1: WAIT 1 after each write ({stored(b)})",
+         _n(b["events_per_s"], " events/s"), _n(a["events_per_s"], " events/s (min_replicas 0)"),
+         _n(rep.get("ratio"), "", 2), "(info)", ""],
+    ]
+
+
 HEADER = ["measure", "value", "reference", "ratio", "target", "result"]
 
 
@@ -185,6 +208,10 @@ def table_text(r: dict[str, Any]) -> str:
         head = ["cores used", *cpu_roles(r), "total", "CPU us/item"]
         out.append("")
         out += _columns([head, *cpu])
+    redis = redis_rows(r)
+    if redis:
+        out += ["", "Redis per event / per delivery"]
+        out += _columns([REDIS_HEADER, *redis])
     steady = steady_rows(r)
     if steady:
         out += ["", "steady stream of lone events (CPU us per delivery)"]
@@ -206,12 +233,17 @@ def table_markdown(r: dict[str, Any]) -> str:
 
 CPU_ROLES = ("bare", "ingress", "worker", "worker:main", "redis", "sink0", "loadgen")
 #: Processes that are the system under test (or the ceiling's server) in each phase.
-_SERVING = ("bare", "ingress", "worker", "redis")
+_SERVING = ("bare", "ingress", "worker", "redis", "redis-replica")
 
 
 def cpu_roles(r: dict[str, Any]) -> tuple[str, ...]:
-    """The CPU table's columns: stress-ng's too in a run under --stress."""
-    return (*CPU_ROLES, "stress") if _get(r, "meta", "stress") else CPU_ROLES
+    """The CPU table's columns: the replica's in a run with the ``replicas`` phase, stress-ng's
+    in a run under --stress."""
+    roles: tuple[str, ...] = CPU_ROLES
+    if r.get("replicas"):
+        roles = (*roles[:roles.index("redis") + 1], "redis-replica",
+                 *roles[roles.index("redis") + 1:])
+    return (*roles, "stress") if _get(r, "meta", "stress") else roles
 
 
 def _steady_runs(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -226,6 +258,12 @@ def cpu_rows(r: dict[str, Any]) -> list[list[str]]:
          _get(r, "ingress", "everysec", "events_per_s")),
         ("ingress always", _get(r, "ingress", "always", "cpu_cores"),
          _get(r, "ingress", "always", "events_per_s")),
+        ("ingress, replica, min_replicas 0",
+         _get(r, "replicas", "min_replicas_0", "cpu_cores"),
+         _get(r, "replicas", "min_replicas_0", "events_per_s")),
+        ("ingress, replica, min_replicas 1",
+         _get(r, "replicas", "min_replicas_1", "cpu_cores"),
+         _get(r, "replicas", "min_replicas_1", "events_per_s")),
         ("egress ceiling", _get(r, "egress", "cpu_cores"), _get(r, "egress", "posts_per_s")),
     ] + [(f"end to end fan-out {fo}", _get(r, "e2e", fo, "cpu_cores"),
           _get(r, "e2e", fo, "deliveries_per_s")) for fo in ("1", "10", "50")]
@@ -346,6 +384,59 @@ def steady_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+REDIS_HEADER = ["run", "per", "commands", "redis CPU µs", "bytes in", "bytes out",
+                "to replica", "memory held", "commands (most frequent)"]
+
+
+def redis_rows(r: dict[str, Any]) -> list[list[str]]:
+    """Redis's work per event (ingress runs) and per delivery (end to end), from its own
+    counters around each run (``redis_per_event`` / ``redis_per_delivery``)."""
+    runs: list[tuple[str, str, dict[str, Any] | None]] = [
+        ("ingress everysec", "event", _get(r, "ingress", "everysec")),
+        ("ingress always", "event", _get(r, "ingress", "always")),
+        ("ingress, replica, min_replicas 0", "event", _get(r, "replicas", "min_replicas_0")),
+        ("ingress, replica, min_replicas 1", "event", _get(r, "replicas", "min_replicas_1")),
+    ] + [(f"end to end, fan-out {fo}", "delivery", _get(r, "e2e", fo)) for fo in ("1", "10", "50")]
+    out = []
+    for name, per, run in runs:
+        cost = (run or {}).get("redis_per_event" if per == "event" else "redis_per_delivery")
+        if not run or not cost:
+            continue
+        per_s = run.get("events_per_s") if per == "event" else run.get("deliveries_per_s")
+        cores = (run.get("cpu_cores") or {}).get("redis")
+        cpu_us = cores / per_s * 1e6 if cores is not None and per_s else None
+        client_out = cost["net_out_bytes"] - cost.get("repl_out_bytes", 0.0)
+        top = ", ".join(f"{k} {v:g}" for k, v in list(cost["by_command"].items())[:6])
+        out.append([name, per, f"{cost['commands']:g}", _n(cpu_us, "", 1),
+                    _n(cost["net_in_bytes"]), _n(client_out), _n(cost.get("repl_out_bytes")),
+                    _n(cost.get("memory_bytes")), top])
+    return out
+
+
+def redis_markdown(r: dict[str, Any]) -> str:
+    body = redis_rows(r)
+    if not body:
+        return ""
+    out = ["", "### Redis per event and per delivery", "",
+           "From Redis's own counters (`INFO commandstats`, `INFO stats`, `INFO memory`) just "
+           "before and just "
+           "after each run, divided by the events stored (ingress runs, workers stopped) or the "
+           "deliveries received (end to end: everything from the first POST to the last "
+           "delivery, the ingress's writes and the scheduler's polls included). Commands: all "
+           "of them, those run inside Lua scripts and MULTI blocks counted too under their own "
+           "names (besides the EVALSHA or EXEC that ran them). Redis CPU µs: the redis-server "
+           "process's CPU time over the run (/proc, network I/O included), per item; 1 s over "
+           "it is what one Redis core could carry of that load alone. Bytes in/out: client "
+           "traffic; to replica: the replication stream, per replica (the AOF gets the same "
+           "stream). Memory held: `used_memory` after the run less before it, per item: what "
+           "its records, dedupe markers and indexes take for as long as they are kept "
+           "(`redis.retention`, `ingress.dedupe_window`); the first run with a replica also "
+           "holds the 1 MB replication backlog it creates.", "",
+           "| " + " | ".join(REDIS_HEADER) + " |", "|" + "---|" * len(REDIS_HEADER)]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
 def _profile_markdown(r: dict[str, Any]) -> str:
     prof = r.get("profile")
     if not prof:
@@ -454,7 +545,8 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     if r.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
-    lines += [part for part in (steady_markdown(r), _steady_profile_markdown(r)) if part]
+    lines += [part for part in (redis_markdown(r), steady_markdown(r),
+                                _steady_profile_markdown(r)) if part]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))

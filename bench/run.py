@@ -6,6 +6,7 @@ other work on a shared 2-core box makes absolute numbers noisy:
 1. ceiling: a bare aiohttp handler (read body, answer 202) under the load generator;
 2. ingress: signed, valid, distinct events at saturation, workers stopped; every one must be
    stored and queued in Redis (checked after), for ``appendfsync everysec`` and ``always``;
+   then (``replicas``) with a replica attached, ``redis.min_replicas`` 0 against 1;
 3. egress ceiling: a raw aiohttp client (no Redis, no Celery) posting to the same sinks;
 4. end to end at fan-out 1, 10 and 50: first POST to the ingress to last delivery received;
 5. latency ingress-202 -> sink-received, open-loop at half the end-to-end rate found in 4;
@@ -14,6 +15,8 @@ other work on a shared 2-core box makes absolute numbers noisy:
 
 Everything runs as separate processes on 127.0.0.1 with a private redis-server; nothing here
 touches the shared Redis on 6379. ``--smoke`` does all of it with tiny counts in seconds.
+Around the ingress and end-to-end runs, Redis's own counters (INFO commandstats and stats) give
+the commands, command time and bytes per event and per delivery.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from relay.queue import read_deliver_message
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
-PHASES = ("ceiling", "ingress", "egress", "e2e", "steady", "obvious", "long")
+PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "long")
 #: The obvious design is compared with the hub at this fan-out.
 OBVIOUS_FANOUT = 10
 
@@ -120,6 +123,44 @@ def redis_calls(client: Any) -> dict[str, tuple[int, int]]:
     for name, stat in client.info("commandstats").items():
         if isinstance(stat, dict) and "calls" in stat:
             out[name.removeprefix("cmdstat_")] = (int(stat["calls"]), int(stat["usec"]))
+    return out
+
+
+#: INFO stats counters of the bytes Redis read and wrote: clients', and the replication
+#: stream's (to replicas) apart.
+NET_STATS = {"total_net_input_bytes": "net_in_bytes", "total_net_output_bytes": "net_out_bytes",
+             "total_net_repl_output_bytes": "repl_out_bytes"}
+
+
+def redis_snapshot(client: Any) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """``redis_calls``, the network byte counters of INFO stats and ``used_memory``, now."""
+    stats = client.info("stats")
+    counters = {k: int(stats.get(k, 0)) for k in NET_STATS}
+    counters["used_memory"] = int(client.info("memory")["used_memory"])
+    return redis_calls(client), counters
+
+
+def redis_cost(before: Any, after: Any, items: int) -> dict[str, Any] | None:
+    """What Redis did between two ``redis_snapshot``s, per item (event or delivery): commands
+    (those run inside Lua scripts and MULTI blocks counted too, under their own names, besides
+    the EVALSHA or EXEC that ran them), bytes in and out (Redis 7's ``net_out`` includes the
+    replication stream, also given apart) and the memory the run left held. Not commandstats'
+    ``usec``: a script's time holds that of the commands it ran, which have their own, so a
+    sum counts them twice; the redis-server process's CPU time (the sampler's) is the cost."""
+    if items <= 0:
+        return None
+    calls = calls_between(before[0], after[0])
+    total = sum(c for c, _ in calls.values())
+    out: dict[str, Any] = {
+        "items": items,
+        "commands": round(total / items, 2),
+        "by_command": {name: round(c / items, 2) for name, (c, _) in calls.items()},
+    }
+    for key, name in NET_STATS.items():
+        out[name] = round((after[1][key] - before[1][key]) / items, 1)
+    # What the run left in Redis's memory (records kept for redis.retention, dedupe markers,
+    # indexes, what is still queued), per item.
+    out["memory_bytes"] = round((after[1]["used_memory"] - before[1]["used_memory"]) / items)
     return out
 
 
@@ -234,19 +275,36 @@ class Bench:
         self.say(f"ceiling, round {n + 1}: {out['rps']:.0f} req/s")
         return out
 
-    def ingress_saturation(self, fsync: str, round_no: int) -> dict[str, Any]:
+    def ingress_saturation(self, fsync: str, round_no: int, ingress: Ingress | None = None,
+                           label: str = "", replica: RedisServer | None = None
+                           ) -> dict[str, Any]:
+        """Distinct events at saturation into ``ingress`` (default: the hub's), workers
+        stopped; every one must be stored and queued (and, with ``replica``, be on it too)."""
         assert self.redis is not None and self.ingress is not None
+        ingress = ingress or self.ingress
+        tag = f"{fsync}{'-' + label if label else ''}"
         self.redis.set_fsync(fsync)
         self.flush()
-        url = self.ingress.url
-        self.loadgen("ingress-warm", [url], f"warm-ing-{fsync}-{round_no}-",
-                     min(2000, self.plan.warmup * 50))
-        self.flush()
+        url = ingress.url
+        if not (self.plan.smoke and label):  # smoke: the extra ingress runs go cold (time)
+            self.loadgen("ingress-warm", [url], f"warm-ing-{tag}-{round_no}-",
+                         min(2000, self.plan.warmup * 50))
+            self.flush()
         n = self.plan.ingress_requests
-        r, mark = self.measured(f"ingress-{fsync}", [url], f"ing-{fsync}-{round_no}-", n)
+        with contextlib.closing(self.redis.client()) as c:
+            before = redis_snapshot(c)
+            r, mark = self.measured(f"ingress-{tag}", [url], f"ing-{tag}-{round_no}-", n)
+            after = redis_snapshot(c)
         cpu = self.cpu_used(mark, r)
+        if ingress is not self.ingress:  # its process stands in the ingress column
+            cpu.pop("ingress", None)
+            cpu["ingress"] = cpu.pop(ingress.role, 0.0)
         accepted = r["statuses"].get("202", 0)
         keys = self.keys
+        on_replica = None
+        if replica is not None:
+            with contextlib.closing(replica.client()) as c:
+                on_replica = sum(1 for _ in c.scan_iter(match=keys.event("*"), count=5000))
         with contextlib.closing(self.redis.client()) as c:
             stored = sum(1 for _ in c.scan_iter(match=keys.event("*"), count=5000))
             seen = sum(1 for _ in c.scan_iter(match=keys.seen("*"), count=5000))
@@ -256,10 +314,13 @@ class Bench:
                 ids = read_deliver_message(raw).event_id
                 queued += 1 if isinstance(ids, str) else len(ids)
                 messages += 1
-        complete = accepted == n and stored == n and seen == n and queued == n
+        complete = accepted == n and stored == n and seen == n and queued == n \
+            and on_replica in (None, n)
         if not complete:
-            self.failures.append(f"ingress ({fsync}): {accepted} accepted, {stored} stored, "
-                                 f"{queued} queued of {n} sent; statuses {r['statuses']}")
+            self.failures.append(f"ingress ({tag}): {accepted} accepted, {stored} stored, "
+                                 f"{queued} queued of {n} sent"
+                                 + (f", {on_replica} on the replica" if replica else "")
+                                 + f"; statuses {r['statuses']}")
         self.flush()
         out = {
             "appendfsync": fsync, "requests": n, "accepted": accepted, "stored": stored,
@@ -268,10 +329,70 @@ class Bench:
             "errors": r["errors"], "seconds": round(r["t_end"] - r["t_start"], 3),
             "events_per_s": round(rate(accepted, r["t_end"] - r["t_start"]), 1),
             "latency_ms": r["latency_ms"], "cpu_cores": cpu,
+            "redis_per_event": redis_cost(before, after, accepted),
         }
-        self.say(f"ingress ({fsync}), round {round_no + 1}: {out['events_per_s']:.0f} "
-                 f"events/s, {stored}/{n} stored")
+        if replica is not None:
+            out["on_replica"] = on_replica
+        self.say(f"ingress ({tag}), round {round_no + 1}: {out['events_per_s']:.0f} "
+                 f"events/s, {stored}/{n} stored"
+                 + (f", {on_replica}/{n} on the replica" if replica else ""))
         return out
+
+    def replicas_phase(self) -> None:
+        """What ``redis.min_replicas: 1`` costs the ingress: a replica of the bench's Redis is
+        started, and the ingress is measured at saturation in alternating rounds without
+        (the hub's ingress, min_replicas 0) and with it (a second ingress process on the same
+        Redis, min_replicas 1: WAIT 1 after each group-committed write); the replica is
+        attached for both, so the ratio is the WAIT's alone. The hub's ingress without any
+        replica (the ``ingress`` phase) is set beside them: the replication stream's cost."""
+        assert self.redis is not None and self.sinks is not None
+        fsync = "everysec" if self.args.fsync == "both" else self.args.fsync
+        with contextlib.closing(self.redis.client()) as c:
+            # The first sync at once, not after Redis's 5 s wait for more replicas to join.
+            c.config_set("repl-diskless-sync-delay", 0)
+        replica = RedisServer(fsync, self.log_dir, replica_of=self.redis.port,
+                              name="redis-replica")
+        self.sampler.watch("redis-replica", replica.proc.pid)
+        waiting: Ingress | None = None
+        try:
+            replica.wait_in_sync(self.redis, 30)
+            port = free_port()
+            cfg = write_config(self.log_dir / "ingress-min-replicas.yaml", self.redis.url, port,
+                               [self.sinks.url(0)], self.worker_settings,
+                               self.ingress_settings,
+                               redis={"min_replicas": 1, "min_replicas_timeout": "1s"})
+            waiting = Ingress(cfg, port, self.log_dir, name="ingress-min-replicas")
+            self.sampler.watch(waiting.role, waiting.proc.pid)
+            without: list[dict[str, Any]] = []
+            with_wait: list[dict[str, Any]] = []
+            for n in range(self.plan.rounds):
+                without.append(self.ingress_saturation(fsync, n, label="replica",
+                                                       replica=replica))
+                with_wait.append(self.ingress_saturation(fsync, n, ingress=waiting,
+                                                         label="min-replicas-1",
+                                                         replica=replica))
+        finally:
+            self.sampler.sample()
+            self.sampler.unwatch("redis-replica")
+            if waiting is not None:
+                self.sampler.unwatch(waiting.role)
+                waiting.stop()
+            replica.stop()
+            self.flush()
+        a = median_round(without, "events_per_s")
+        b = median_round(with_wait, "events_per_s")
+        alone = (self.results.get("ingress") or {}).get(fsync, {}).get("events_per_s")
+        self.results["replicas"] = {
+            "appendfsync": fsync, "replica_version": replica.version,
+            "min_replicas_timeout_ms": 1000,
+            "min_replicas_0": a, "min_replicas_1": b,
+            "ratio": round(b["events_per_s"] / a["events_per_s"], 3)
+            if a["events_per_s"] else None,
+            "no_replica_events_per_s": alone,
+        }
+        self.say(f"min_replicas 1: {b['events_per_s']:.0f} events/s against "
+                 f"{a['events_per_s']:.0f} with min_replicas 0 (a replica attached to both): "
+                 f"{self.results['replicas']['ratio']}")
 
     def ceiling_and_ingress(self, ingress: bool) -> None:
         """The ceiling and the ingress (appendfsync everysec) in alternating rounds, each
@@ -344,8 +465,13 @@ class Bench:
         n = self.plan.events[fanout]
         expected = n * fanout
         self.sinks.reset()
-        r, mark = self.measured(f"e2e-fo{fanout}", [self.ingress.url], f"e2e-fo{fanout}-", n)
-        stats = self.sinks.wait_count(expected, max(60.0, expected / 100))
+        assert self.redis is not None
+        with contextlib.closing(self.redis.client()) as c:
+            before = redis_snapshot(c)
+            r, mark = self.measured(f"e2e-fo{fanout}", [self.ingress.url], f"e2e-fo{fanout}-",
+                                    n)
+            stats = self.sinks.wait_count(expected, max(60.0, expected / 100))
+            after = redis_snapshot(c)
         cpu = self.cpu_used(mark, r)
         accepted = r["statuses"].get("202", 0)
         seconds = stats["last"] - r["t_start"]
@@ -361,6 +487,9 @@ class Bench:
             "events_per_s": round(rate(n, seconds), 1),
             "ingest_seconds": round(r["t_end"] - r["t_start"], 3),
             "cpu_cores": cpu,
+            # Everything Redis did from the first POST to the last delivery (the ingress's
+            # writes too), per delivery received.
+            "redis_per_delivery": redis_cost(before, after, stats["distinct"]),
         }
         self.say(f"fan-out {fanout}: {out['deliveries_per_s']:.0f} deliveries/s "
                  f"({stats['distinct']}/{expected} in {seconds:.2f}s, "
@@ -789,6 +918,8 @@ class Bench:
             if "ceiling" in phases or "ingress" in phases:
                 self.ceiling_and_ingress("ingress" in phases)
             self.stop_bare()
+            if "replicas" in phases:
+                self.replicas_phase()
             if "egress" in phases:
                 self.egress_ceiling()
             if "e2e" in phases or "steady" in phases:

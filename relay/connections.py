@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from relay.config import RedisSettings
@@ -27,6 +30,8 @@ log = logging.getLogger("relay.redis")
 
 #: The scheduler's ``ZRANGE ... BYSCORE LIMIT`` and ``LPOS`` need Redis 6.2.
 MIN_VERSION = (6, 2)
+#: Connect and read timeout (s) towards a sentinel, unless the caller gives its own.
+SENTINEL_TIMEOUT = 2.0
 
 
 class PreflightError(RelayError):
@@ -58,10 +63,22 @@ def _sentinel_hosts(settings: RedisSettings) -> list[tuple[str, int]]:
     return hosts
 
 
-def _sentinel_kwargs(settings: RedisSettings, options: dict[str, Any]) -> dict[str, Any]:
+def _sentinel_kwargs(settings: RedisSettings, options: dict[str, Any],
+                     retry: Retry | AsyncRetry) -> dict[str, Any]:
+    """Options of the connections to the sentinels themselves.
+
+    ``retry``: none. redis-py retries a connection 3 times with backoff by default, and asks
+    the next sentinel only once one has failed for good: a sentinel that is down (its machine
+    lost: the very case Sentinel is for) cost every discovery of the primary ~4 s when it
+    refused connections and ~12 s when it did not answer at all, before the next sentinel was
+    asked (tests/test_connections.py). The other sentinels are the retry.
+    """
     assert settings.sentinel is not None
-    kwargs = {k: v for k, v in options.items()
-              if k in ("socket_connect_timeout", "socket_timeout")}
+    kwargs: dict[str, Any] = {k: v for k, v in options.items()
+                              if k in ("socket_connect_timeout", "socket_timeout")}
+    kwargs.setdefault("socket_connect_timeout", SENTINEL_TIMEOUT)
+    kwargs.setdefault("socket_timeout", SENTINEL_TIMEOUT)
+    kwargs["retry"] = retry
     if settings.sentinel.password:
         kwargs["password"] = settings.sentinel.password
     return kwargs
@@ -72,8 +89,8 @@ def async_client(settings: RedisSettings, **options: Any) -> aioredis.Redis:
     if settings.sentinel is None:
         return aioredis.Redis.from_url(settings.url, **options)
     params = {**_url_params(settings.url), **options}
-    sentinel = AsyncSentinel(_sentinel_hosts(settings),
-                             sentinel_kwargs=_sentinel_kwargs(settings, options), **params)
+    sentinel = AsyncSentinel(_sentinel_hosts(settings), sentinel_kwargs=_sentinel_kwargs(
+        settings, options, AsyncRetry(NoBackoff(), 0)), **params)
     return sentinel.master_for(settings.sentinel.master, **params)
 
 
@@ -82,8 +99,8 @@ def sync_client(settings: RedisSettings, **options: Any) -> redis.Redis:
     if settings.sentinel is None:
         return redis.Redis.from_url(settings.url, **options)
     params = {**_url_params(settings.url), **options}
-    sentinel = Sentinel(_sentinel_hosts(settings),
-                        sentinel_kwargs=_sentinel_kwargs(settings, options), **params)
+    sentinel = Sentinel(_sentinel_hosts(settings), sentinel_kwargs=_sentinel_kwargs(
+        settings, options, Retry(NoBackoff(), 0)), **params)
     return sentinel.master_for(settings.sentinel.master, **params)
 
 
@@ -94,12 +111,18 @@ def celery_broker(settings: RedisSettings) -> tuple[str, dict[str, Any]]:
     parts = urlsplit(settings.url)
     auth = ""
     if parts.password:
-        auth = f"{parts.username or ''}:{parts.password}@"
+        # Quoted afresh: kombu splits the broker URL at every ';' (one URL per sentinel)
+        # *before* parsing each, so a ';' left as is in a password (which redis-py, reading
+        # redis.url, accepts) cut the URL apart and the worker died on start ("Port could not
+        # be cast to integer"). kombu unquotes what it parses; redis-py gets the same password.
+        user = quote(unquote(parts.username or ""), safe="")
+        auth = f"{user}:{quote(unquote(parts.password), safe='')}@"
     db = parts.path.lstrip("/") or "0"
     url = ";".join(f"sentinel://{auth}{host}/{db}" for host in settings.sentinel.hosts)
-    options: dict[str, Any] = {"master_name": settings.sentinel.master}
-    if settings.sentinel.password:
-        options["sentinel_kwargs"] = {"password": settings.sentinel.password}
+    # kombu hands sentinel_kwargs to redis-py's Sentinel as is (the same reasons as above).
+    options: dict[str, Any] = {"master_name": settings.sentinel.master,
+                               "sentinel_kwargs": _sentinel_kwargs(settings, {},
+                                                                   Retry(NoBackoff(), 0))}
     return url, options
 
 

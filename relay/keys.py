@@ -46,6 +46,8 @@ rate:{sub}                 string  the rate limiter's theoretical arrival time (
 known                      hash    subscriber name -> last ms a live worker had it configured
 workers                    zset    worker id (host:pid) -> last heartbeat ms
 backlog_since              string  ms since when the queue has not been empty
+dupmark                    string  written by a store that found only duplicates, so its
+                                   WAIT covers them (relay/ingress/store.py); expires in 60 s
 alerts                     zset    alert job -> due ms; alert:{type}:{sub} rate-limits them
 =========================  ======  ==========================================================
 """

@@ -9,7 +9,8 @@ Redis: the one at ``redis.url`` (``REDIS_URL``) is used when it answers and pass
 preflight (relay/connections.py). Otherwise a ``redis-server`` is started with append-only
 persistence (fsync always) under ``./var/redis``, on that URL's port if it is this machine's
 and free, else on the first free port from 6390, and ``up`` says why. The children are
-pointed at it with ``RELAY_REDIS_URL``.
+pointed at it with ``RELAY_REDIS_URL``. With ``redis.sentinel`` there is no such fallback:
+a Sentinel set that does not answer, or whose primary fails the preflight, stops ``up``.
 
 SIGHUP is passed on to every child: each re-reads the config (relay/reload.py).
 """
@@ -155,6 +156,14 @@ def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
     env = dict(os.environ)
     own_redis: subprocess.Popen[bytes] | None = None
     why = _unusable(config)
+    if why is not None and config.redis.sentinel is not None:
+        # With Sentinel the hub's Redis is a replicated set shared by other machines' workers
+        # and ingress; a redis-server of our own (what follows, for a plain redis.url) would
+        # silently take events into a store nobody else reads, and RELAY_REDIS_URL would even
+        # switch Sentinel off in every child. Refuse instead: the operator fixes the set.
+        log.error("refusing to start: the Sentinel set is not usable, and relay up starts a "
+                  "Redis of its own only for a plain redis.url", extra={"why": why})
+        return 2
     if why is not None:
         redis_port = _own_port(config)
         log.warning("starting a local redis-server with append-only persistence",

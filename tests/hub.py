@@ -146,6 +146,8 @@ def write_config(path: Path, redis_url: str, subscribers: list[dict[str, Any]],
                  delivery: dict[str, Any] | None = None, worker: dict[str, Any] | None = None,
                  ingress: dict[str, Any] | None = None, redis: dict[str, Any] | None = None,
                  admin: dict[str, Any] | None = None) -> Path:
+    """A hub config; ``redis`` adds to or overrides the ``redis:`` section (e.g. ``sentinel``,
+    ``min_replicas``)."""
     delivery = dict(delivery or {"timeout": "2s", "max_attempts": 5,
                                  "backoff": {"initial": "100ms", "max": "1s"}})
     # Tests of retries and dead letters make subscribers fail on purpose, and a circuit

@@ -13,8 +13,8 @@ import pytest
 
 from tests.support import ROOT
 
-KEYS = {"meta", "plan", "ceiling", "ingress", "egress", "e2e", "latency", "steady", "obvious",
-        "rss", "long", "targets", "failures"}
+KEYS = {"meta", "plan", "ceiling", "ingress", "replicas", "egress", "e2e", "latency", "steady",
+        "obvious", "rss", "long", "targets", "failures"}
 
 
 @pytest.mark.timeout(120)
@@ -32,6 +32,18 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     for mode in ("everysec", "always"):
         ingress = results["ingress"][mode]
         assert ingress["all_stored"] and ingress["stored"] == ingress["requests"]
+    # min_replicas 1 against 0, a replica attached to both: every event on the replica too.
+    replicas = results["replicas"]
+    for side in ("min_replicas_0", "min_replicas_1"):
+        run = replicas[side]
+        assert run["all_stored"] and run["on_replica"] == run["requests"]
+        assert run["redis_per_event"]["repl_out_bytes"] > 0
+    assert replicas["ratio"] > 0
+    assert "wait" in replicas["min_replicas_1"]["redis_per_event"]["by_command"]
+    # Redis's work per event and per delivery, from its own counters.
+    assert results["ingress"]["everysec"]["redis_per_event"]["commands"] > 0
+    assert all(e["redis_per_delivery"]["commands"] > 0
+               and e["redis_per_delivery"]["memory_bytes"] > 0 for e in results["e2e"].values())
     assert results["egress"]["posts_per_s"] > 0
     assert set(results["e2e"]) == {"1", "10", "50"}
     assert all(e["complete"] for e in results["e2e"].values())
@@ -56,6 +68,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "ingress, appendfsync everysec" in markdown
+    assert "ingress, min_replicas 1" in markdown and "Redis per event and per delivery" in markdown
     assert "obvious design, fan-out 10" in markdown and "hub " in markdown
     assert "Steady stream of lone events" in markdown
     assert "PASS" in markdown or "MISS" in markdown

@@ -209,7 +209,9 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
                        replica_timeout=config.redis.min_replicas_timeout)
     app[STORE] = store
     app[METRICS] = IngressMetrics()
-    app[PROBE] = ReadinessProbe(redis_client(config, max_connections=2), keys.ready_probe)
+    app[PROBE] = ReadinessProbe(redis_client(config, max_connections=2), keys.ready_probe,
+                                min_replicas=config.redis.min_replicas,
+                                replica_timeout=config.redis.min_replicas_timeout)
     app[HANDLER] = WebhookHandler(config, store, app[METRICS])
     for path in WEBHOOK_ROUTES:
         app.router.add_post(path, app[HANDLER].__call__)  # a coroutine function, as aiohttp expects

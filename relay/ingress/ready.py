@@ -2,6 +2,10 @@
 
 Ready means "a write succeeds", not "Redis answers PING": after a failover the old primary
 comes back as a read-only replica that still answers PING, and every event would get 503.
+With ``redis.min_replicas`` a write succeeds only once that many replicas acknowledge it, as
+for an event (relay/ingress/store.py): while they do not (a replica down, a new primary that
+has none yet), every event gets 503, and so does the probe.
+
 The probe writes a small key; it has its own two-connection client, so a flood of probes
 while Redis is slow cannot take connections from real webhooks, and one answer is shared
 for a second by every caller (one write a second at most, whatever the probe rate).
@@ -21,9 +25,12 @@ CACHE_SECONDS = 1.0
 
 
 class ReadinessProbe:
-    def __init__(self, client: aioredis.Redis, key: str) -> None:
+    def __init__(self, client: aioredis.Redis, key: str, min_replicas: int = 0,
+                 replica_timeout: float = 1.0) -> None:
         self._client = client
         self._key = key
+        self._min_replicas = min_replicas
+        self._replica_ms = max(1, int(replica_timeout * 1000))
         self._lock = asyncio.Lock()
         self._answer: tuple[bool, str] = (False, "not checked yet")
         self._at = float("-inf")
@@ -40,8 +47,18 @@ class ReadinessProbe:
 
     async def _probe(self) -> tuple[bool, str]:
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT):
-                await self._client.set(self._key, str(time.time()), ex=60)
+            async with asyncio.timeout(PROBE_TIMEOUT + self._replica_ms / 1000):
+                if not self._min_replicas:
+                    await self._client.set(self._key, str(time.time()), ex=60)
+                    return True, ""
+                # One pipeline: WAIT counts the replicas that hold this connection's writes.
+                async with self._client.pipeline(transaction=False) as pipe:
+                    pipe.set(self._key, str(time.time()), ex=60)
+                    pipe.execute_command("WAIT", self._min_replicas, self._replica_ms)
+                    _, acked = await pipe.execute()
+            if int(acked) < self._min_replicas:
+                return False, (f"{acked} of {self._min_replicas} replicas acknowledged a write "
+                               f"(redis.min_replicas): no replica, or too slow")
             return True, ""
         except ReadOnlyError:
             return False, "redis is a read-only replica (a failover in progress?)"

@@ -78,6 +78,14 @@ if new > 0 then
   redis.call('EXPIRE', KEYS[4], ARGV[8])
   redis.call('HINCRBY', KEYS[5], 'accepted', new)
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', tonumber(ARGV[7]) - tonumber(ARGV[3]) * 1000)
+else
+  -- Only duplicates: write something all the same, so that the WAIT after this script covers
+  -- the records they found. WAIT waits for the replicas to reach this connection's last
+  -- write, which Redis 7.2+ notes only after a command that propagated: a script that writes
+  -- nothing leaves it where it was (0 on a new connection), and WAIT would count a replica
+  -- that never got the event, answering "200 duplicate" for an event only this primary holds
+  -- (the first send got 503 when WAIT timed out, the retry went to the other ingress).
+  redis.call('SET', p .. 'dupmark', ARGV[4], 'EX', 60)
 end
 return stored
 """)

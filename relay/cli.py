@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -116,6 +117,8 @@ def main(ctx: click.Context, config_file: str | None, log_level: str) -> None:
     """Order-event relay: Ingram Micro webhooks in, re-signed deliveries out."""
     ctx.obj = {"config_file": config_file, "log_level": log_level}
     setup_logging(log_level)
+    # The worker's Celery side reads it: an explicit level is kept as given (workers/app.py).
+    os.environ["RELAY_LOG_LEVEL"] = log_level.upper()
 
 
 def _log_level() -> str:

@@ -215,7 +215,7 @@ class MainProcessStep(bootsteps.StartStopStep):
 def _quiet_and_preflight(instance: Any = None, **_: Any) -> None:
     """No banner (every line is JSON), and refuse a Redis that fails the preflight. Logging is
     set up here already: Celery warns (SecurityWarning) before its own logging setup."""
-    setup_logging(os.environ.get("RELAY_LOG_LEVEL", "INFO"))
+    setup_logging(os.environ.get("RELAY_LOG_LEVEL", "INFO"))  # set by `relay --log-level`
     if instance is not None:
         instance.quiet = True
     config = _live.get("config")
@@ -237,7 +237,9 @@ def _json_logs(loglevel: int | str | None = None, **_: Any) -> None:
     level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or "INFO")
     setup_logging(str(level))
     relay = logging.getLogger("relay")
-    if relay.getEffectiveLevel() > logging.INFO:
+    if "RELAY_LOG_LEVEL" not in os.environ and relay.getEffectiveLevel() > logging.INFO:
+        # Plain celery without -l defaults to WARNING: deliveries would go unlogged. A level
+        # given to `relay --log-level` is kept as given.
         relay.setLevel(logging.INFO)
 
 

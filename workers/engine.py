@@ -53,6 +53,8 @@ T = TypeVar("T")
 PERSIST_FOR = 120.0
 #: Tasks being started at once before a new one waits (workers/engine.py Engine.start).
 MAX_PENDING_STARTS = 32
+#: Longest a task waits for a full process to have room (then its overflow is parked).
+FULL_WAIT = 30.0
 #: A subscriber this process does not know, that another live worker had configured within
 #: this long (workers/heartbeat.py), is not "removed": its attempt waits PARK_UNKNOWN_MS for
 #: a worker that knows it (a rolling deploy, or a reload not everywhere yet).
@@ -141,6 +143,13 @@ class Engine:
         (workers/scheduler.py). Only when MAX_PENDING_STARTS are in progress does the task
         wait, so a worker whose loop cannot keep up leaves the backlog in the Redis queue.
         """
+        # A process whose lanes are all full takes no more (the backlog waits in the Redis
+        # queue, where any worker can take it, instead of being parked attempt by attempt).
+        # One subscriber alone never gets here: it holds at most its share of max_in_flight.
+        waited = 0.0
+        while self.lanes.held() >= self.config.worker.max_in_flight and waited < FULL_WAIT:
+            time.sleep(0.005)
+            waited += 0.005
         future = asyncio.run_coroutine_threadsafe(
             self._start_until_done(event_ids, subscribers, attempt, batch), self._loop)
         with self._pending_lock:

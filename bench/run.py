@@ -1070,7 +1070,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=2, help="worker.concurrency")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"],
                    help="worker.pool")
-    p.add_argument("--max-in-flight", type=int, default=1000, help="worker.max_in_flight")
+    p.add_argument("--max-in-flight", type=int, default=4000, help="worker.max_in_flight")
     p.add_argument("--linger", default=None, metavar="DURATION",
                    help="ingress.linger, e.g. 0s or 10ms (default: the config's default)")
     p.add_argument("--max-connections", type=int, default=128, help="worker.max_connections")

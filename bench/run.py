@@ -303,6 +303,10 @@ class Bench:
         keys = self.keys
         on_replica = None
         if replica is not None:
+            # Without min_replicas the last writes may still be on their way: let the replica
+            # catch up (WAIT) before counting what it holds.
+            with contextlib.closing(self.redis.client()) as c:
+                c.execute_command("WAIT", 1, 10_000)
             with contextlib.closing(replica.client()) as c:
                 on_replica = sum(1 for _ in c.scan_iter(match=keys.event("*"), count=5000))
         with contextlib.closing(self.redis.client()) as c:

@@ -42,8 +42,10 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert "wait" in replicas["min_replicas_1"]["redis_per_event"]["by_command"]
     # Redis's work per event and per delivery, from its own counters.
     assert results["ingress"]["everysec"]["redis_per_event"]["commands"] > 0
+    # (memory held is a difference of used_memory: noisy, even negative, on a tiny run)
     assert all(e["redis_per_delivery"]["commands"] > 0
-               and e["redis_per_delivery"]["memory_bytes"] > 0 for e in results["e2e"].values())
+               and e["redis_per_delivery"]["memory_bytes"] is not None
+               for e in results["e2e"].values())
     assert results["egress"]["posts_per_s"] > 0
     assert set(results["e2e"]) == {"1", "10", "50"}
     assert all(e["complete"] for e in results["e2e"].values())

@@ -15,6 +15,10 @@ STRESS_END = "<!-- bench:stress:end -->"
 INGRESS_RATIO = 0.5
 E2E_RATIO = 0.45
 P99_MS = 50.0
+#: Issue targets for a small, busy machine: hub CPU per delivery against the egress ceiling's
+#: CPU per post, at fan-out 1 and 10.
+CPU_RATIO_FO1 = 2.0
+CPU_RATIO_FO10 = 1.4
 RSS_DRIFT = 0.10
 #: The hub's deliveries/s at fan-out 10 against the obvious design's (bench/obvious/).
 OBVIOUS_MULTIPLE = 10.0
@@ -47,6 +51,12 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"name": f"p99 ingress-202 -> sink at half load, fan-out {fo} <= 50 ms",
                     "value": p99, "target": f"<= {P99_MS:g} ms",
                     "pass": None if p99 is None else p99 <= P99_MS})
+    for fo, limit in (("1", CPU_RATIO_FO1), ("10", CPU_RATIO_FO10)):
+        ratio = cpu_ratio(r, fo)
+        out.append({"name": f"CPU per delivery at fan-out {fo} (all processes) <= {limit:g} x "
+                            "the egress ceiling's CPU per post",
+                    "value": ratio, "target": f"<= {limit:g} x",
+                    "pass": None if ratio is None else ratio <= limit})
     multiple = obvious_multiple(r)
     out.append({"name": "hub deliveries/s at fan-out 10 >= 10 x the obvious design's",
                 "value": multiple, "target": f">= {OBVIOUS_MULTIPLE:g} x",
@@ -57,6 +67,23 @@ def targets(r: dict[str, Any]) -> list[dict[str, Any]]:
                     "value": change, "target": f"within +-{RSS_DRIFT:.0%}",
                     "pass": None if change is None else abs(change) <= RSS_DRIFT})
     return out
+
+
+def cpu_per_item(cores: dict[str, float] | None, per_s: float | None) -> float | None:
+    """µs of CPU (every process measured: hub, sinks, load generator) per item."""
+    if not cores or not per_s:
+        return None
+    return sum(cores.values()) / per_s * 1e6
+
+
+def cpu_ratio(r: dict[str, Any], fanout: str) -> float | None:
+    """CPU per delivery end to end at ``fanout`` over the raw egress client's CPU per post,
+    both counting every process of their phase (so the sinks' share is in both)."""
+    e2e = cpu_per_item(_get(r, "e2e", fanout, "cpu_cores"),
+                       _get(r, "e2e", fanout, "deliveries_per_s"))
+    egress = cpu_per_item(_get(r, "egress", "cpu_cores"), _get(r, "egress", "posts_per_s"))
+    ratio = _ratio(e2e, egress)
+    return None if ratio is None else round(ratio, 2)
 
 
 def obvious_multiple(r: dict[str, Any]) -> float | None:

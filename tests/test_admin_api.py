@@ -311,7 +311,7 @@ def test_replay_dry_run_then_real_with_limit_and_unconfigured_subscriber_refused
     assert before["total"] == 3 and before["next"] is None
     letter = next(d for d in before["deadLetters"] if d["eventId"] == "EV-RP-1")
     assert letter == {"eventId": "EV-RP-1", "subscriber": "rp", "configured": True,
-                      "reason": "1 attempts failed", "deadAt": letter["deadAt"], "attempts": 1,
+                      "reason": "1 attempt failed", "deadAt": letter["deadAt"], "attempts": 1,
                       "lastError": "HTTP 500", "orderNumbers": ["20-RP001"]}
     assert [d["eventId"] for d in hub.dlq("subscriber=rp&limit=2")["deadLetters"]] \
         == ["EV-RP-3", "EV-RP-2"]  # newest first

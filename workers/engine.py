@@ -2,9 +2,10 @@
 
 Celery runs tasks synchronously, one at a time per pool slot; a delivery that waits 10 s on a
 slow subscriber would hold that slot and delay every other event behind it. So a task only
-*starts* deliveries: it loads its events, routes them, leases every pending (event,
-subscriber) attempt in the schedule (workers/ledger.py), hands the posts to this process's
-event loop and returns at once. It never waits for a subscriber: one subscriber's slowness
+*starts* deliveries: its events are loaded, routed, every pending (event, subscriber)
+attempt leased in the schedule (workers/ledger.py) and posted on this process's event loop
+(the task itself only hands its message over and returns: Engine.start). It never
+waits for a subscriber: one subscriber's slowness
 never holds up a task, so never another subscriber's events (a subscriber already holding its
 share of the process is *parked* instead: workers/lanes.py).
 
@@ -41,7 +42,7 @@ from relay.routing import Router
 from workers import http
 from workers.alerts import Alerts
 from workers.backoff import retry_delay
-from workers.gate import Gate
+from workers.gate import GO, Gate
 from workers.lanes import Lane, Lanes
 from workers.leases import LeaseKeeper
 from workers.ledger import Ledger, Loaded, now_ms
@@ -173,6 +174,9 @@ class Engine:
             try:
                 return await self._start(event_ids, names, attempt, batch)
             except (RedisError, OSError) as exc:
+                if pause == 0.1:  # said once: a script error would otherwise go unseen
+                    log.warning("recording an outcome failed; retrying",
+                                extra={"error": repr(exc)})
                 if time.monotonic() > deadline:
                     log.error("task not started: redis unavailable; its message is queued "
                               "again from unclaimed", extra={"eventId": event_ids,
@@ -445,7 +449,7 @@ class Engine:
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
                        lease: bytes) -> None:
-        verdict = await self.gate.admit(sub)
+        verdict = GO if self.gate.fast(sub) else await self.gate.admit(sub)
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
             self.leases.forget(lease)
@@ -466,9 +470,11 @@ class Engine:
         if outcome.ok:
             transitions = await self._persist(
                 lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
-            log.info("delivered", extra=context)
+            if log.isEnabledFor(logging.INFO):
+                log.info("delivered", extra=context)
         elif outcome.gone or (attempt >= sub.max_attempts and not verdict.probe):
-            reason = "410 Gone" if outcome.gone else f"{attempt} attempts failed"
+            reason = ("410 Gone" if outcome.gone
+                      else f"{attempt} attempt{'s' if attempt != 1 else ''} failed")
             transitions = await self._persist(
                 lambda: self.ledger.dead_letter(event.event_id, sub, reason, event, lease,
                                                 record))
@@ -509,6 +515,9 @@ class Engine:
             try:
                 return await write()
             except (RedisError, OSError) as exc:
+                if pause == 0.1:  # said once: a script error would otherwise go unseen
+                    log.warning("recording an outcome failed; retrying",
+                                extra={"error": repr(exc)})
                 if time.monotonic() > deadline:
                     log.error("could not record outcome; the lease will retry it",
                               extra={"error": repr(exc)})

@@ -97,6 +97,15 @@ class Gate:
             return state
         return None
 
+    def fast(self, sub: Subscriber) -> bool:
+        """True when ``sub`` may post now without asking Redis (no rate limit, a fresh
+        "healthy" verdict cached): the common case, checked without an await."""
+        if sub.rate_limit is not None:
+            return False
+        cached = self._cache.get(sub.name)
+        return (cached is not None and cached[0] == "closed"
+                and time.monotonic() - cached[1] < CACHE_SECONDS)
+
     async def admit(self, sub: Subscriber) -> Verdict:
         """May an attempt of ``sub`` be posted now? Waits here for the rate limiter."""
         while True:

@@ -8,6 +8,7 @@ when its lease expired, with no history in its dead letter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import aiohttp
@@ -41,11 +42,12 @@ class Outcome(msgspec.Struct, frozen=True):
 
 
 def signed_headers(signature: SignatureScheme, secret: str, own: dict[str, str],
-                   event_id: str, body: bytes) -> CIMultiDict[str]:
+                   event_id: str, body: bytes) -> CIMultiDict[str] | dict[str, str]:
     """The endpoint's own headers, then content type and signatures. Header names are
     case-insensitive: the hub's win over a configured ``content-type`` or ``x-hub-signature``
-    in any case, instead of going out twice."""
-    headers: CIMultiDict[str] = CIMultiDict(own)
+    in any case, instead of going out twice. (Without own headers a plain dict does: the
+    hub's names do not repeat.)"""
+    headers: CIMultiDict[str] | dict[str, str] = CIMultiDict(own) if own else {}
     headers["Content-Type"] = "application/json"
     headers["User-Agent"] = USER_AGENT
     if signature in ("ingram", "both"):
@@ -57,8 +59,13 @@ def signed_headers(signature: SignatureScheme, secret: str, own: dict[str, str],
     return headers
 
 
+@functools.lru_cache(maxsize=64)
+def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=seconds)
+
+
 async def post(session: aiohttp.ClientSession, url: str, body: bytes,
-               headers: CIMultiDict[str], timeout: float) -> Outcome:
+               headers: CIMultiDict[str] | dict[str, str], timeout: float) -> Outcome:
     started = time.perf_counter()
 
     def elapsed() -> float:
@@ -66,7 +73,7 @@ async def post(session: aiohttp.ClientSession, url: str, body: bytes,
 
     try:
         async with session.post(url, data=body, headers=headers, allow_redirects=False,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                                timeout=_timeout(timeout)) as resp:
             await resp.content.read(_ANSWER_BYTES)
             # Retry-After is honoured on any status (a 500 with one means it too).
             retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())

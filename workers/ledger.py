@@ -43,12 +43,17 @@ OUTCOME = Script(RELEASE_HELD_FN + """
 -- they agree) rather than sent as KEYS: thirteen names per outcome were a tenth of a worker's
 -- CPU in redis-py's command packing at fan-out 10. (Fine on one Redis, not Redis Cluster.)
 local mode, now, sub, id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local p = ARGV[21]
+-- ARGV[7]: the subscriber's settings in one string (one argument instead of eight):
+-- retention s, log length, stats ttl s, breaker failures, cool-down ms, max cool-down ms,
+-- disable_after ms, key prefix.
+local S = {}
+for part in string.gmatch(ARGV[7], '[^\\n]+') do S[#S + 1] = part end
+local p = S[8]
 local KEYS = {p .. 'deliveries:' .. id, p .. 'log:' .. id .. ':' .. sub, p .. 'schedule',
-              p .. 'stats:' .. ARGV[22], p .. 'totals', p .. 'pending:' .. sub,
+              p .. 'stats:' .. ARGV[15], p .. 'totals', p .. 'pending:' .. sub,
               p .. 'health:' .. sub, p .. 'breakers', p .. 'held:' .. sub, p .. 'event:' .. id,
               p .. 'letter:' .. sub .. ':' .. id, p .. 'dead:' .. sub, p .. 'deadsubs'}
-local record, lease, ret = ARGV[5], ARGV[6], ARGV[7]
+local record, lease, ret = ARGV[5], ARGV[6], S[1]
 local transitions = {}
 local function count(field, n)
   redis.call('HINCRBY', KEYS[4], sub .. '|' .. field, n)
@@ -56,10 +61,10 @@ local function count(field, n)
 end
 if record ~= '' then
   redis.call('LPUSH', KEYS[2], record)
-  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[8]) - 1)
+  redis.call('LTRIM', KEYS[2], 0, tonumber(S[2]) - 1)
   redis.call('EXPIRE', KEYS[2], ret)
-  count('l' .. ARGV[10], 1)
-  redis.call('HINCRBYFLOAT', KEYS[5], sub .. '|ls', ARGV[11])
+  count('l' .. ARGV[8], 1)
+  redis.call('HINCRBYFLOAT', KEYS[5], sub .. '|ls', ARGV[9])
 end
 
 -- Health: only an attempt that was made moves the breaker.
@@ -83,20 +88,20 @@ if record ~= '' and mode == 'ok' then
   state = 'closed'
 elseif record ~= '' then
   local failures = redis.call('HINCRBY', h, 'failures', 1)
-  redis.call('HSET', h, 'last_error', ARGV[17], 'last_error_at', now)
+  redis.call('HSET', h, 'last_error', ARGV[11], 'last_error_at', now)
   local since = tonumber(redis.call('HGET', h, 'failing_since'))
   if not since then
     since = now
     redis.call('HSET', h, 'failing_since', now)
   end
-  local threshold, cool, max_cool = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-  local disable_after = tonumber(ARGV[15])
+  local threshold, cool, max_cool = tonumber(S[4]), tonumber(S[5]), tonumber(S[6])
+  local disable_after = tonumber(S[7])
   if disable_after > 0 and now - since >= disable_after and state ~= 'disabled' then
     redis.call('HSET', h, 'state', 'disabled', 'disabled_at', now)
     redis.call('ZREM', KEYS[8], sub)
     transitions[#transitions + 1] = 'disabled'
     state = 'disabled'
-  elseif threshold > 0 and (state == 'half' or (state == 'open' and ARGV[16] == '1')) then
+  elseif threshold > 0 and (state == 'half' or (state == 'open' and ARGV[10] == '1')) then
     -- the probe failed: open again, the cool-down doubled up to its maximum
     local next_cool = math.min((tonumber(redis.call('HGET', h, 'cool_down')) or cool) * 2,
                                max_cool)
@@ -120,10 +125,10 @@ if mode == 'ok' then
   redis.call('ZREM', KEYS[6], id)
 elseif mode == 'retry' then
   count('f', 1)
-  local next, due = ARGV[18], ARGV[19]
-  -- A failed probe keeps its attempt number (ARGV[18] is then attempt n, not the lease's
+  local next, due = ARGV[12], ARGV[13]
+  -- A failed probe keeps its attempt number (ARGV[12] is then attempt n, not the lease's
   -- n+1) and waits with the held attempts for the next probe.
-  local to_held = ARGV[16] == '1' and (state == 'open' or state == 'disabled')
+  local to_held = ARGV[10] == '1' and (state == 'open' or state == 'disabled')
   if next == lease and not to_held then
     redis.call('ZADD', KEYS[3], 'XX', due, lease)
   elseif redis.call('ZREM', KEYS[3], lease) == 1 then
@@ -139,7 +144,7 @@ elseif mode == 'retry' then
 else  -- dead
   if record ~= '' then count('f', 1) end
   count('x', 1)
-  redis.call('SET', KEYS[11], ARGV[20], 'EX', ret)
+  redis.call('SET', KEYS[11], ARGV[14], 'EX', ret)
   redis.call('ZADD', KEYS[12], now, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', now - tonumber(ret) * 1000)
   redis.call('SADD', KEYS[13], sub)
@@ -149,7 +154,7 @@ else  -- dead
   redis.call('ZREM', KEYS[6], id)
   transitions[#transitions + 1] = 'dead_lettered'
 end
-redis.call('EXPIRE', KEYS[4], ARGV[9])
+redis.call('EXPIRE', KEYS[4], S[3])
 return transitions
 """)
 
@@ -228,6 +233,7 @@ class Ledger:
         self._k = keys
         self.retention = retention
         self._batch = GroupCommit(client, timeout=10.0)
+        self._settings_cache: dict[tuple[Any, ...], str] = {}
         # A task's own round trips (load, lease) have their own pipeline: behind the outcome
         # writes of hundreds of posts they would wait their turn, and the task thread with
         # them, holding up every event queued behind it.
@@ -335,26 +341,33 @@ class Ledger:
         letter = DeadLetter(event_id, name, reason, time.time(), event)
         return await self._outcome("dead", event_id, sub, lease, record, letter=_encode(letter))
 
+    def _settings(self, sub: Subscriber | str) -> str:
+        """The outcome script's per-subscriber settings, one string (see OUTCOME)."""
+        if isinstance(sub, str):  # no longer configured: no health settings to apply
+            key: tuple[Any, ...] = (0, 0, 0, 0, self._retention)
+        else:
+            cb = sub.circuit_breaker
+            key = (cb.failures, cb.cool_down, cb.max_cool_down, sub.disable_after,
+                   self._retention)
+        settings = self._settings_cache.get(key)
+        if settings is None:
+            failures, cool, max_cool, disable_after, retention = key
+            settings = "\n".join(str(x) for x in (
+                retention, LOG_LENGTH, min(STATS_TTL, retention), failures, int(cool * 1000),
+                int(max_cool * 1000), int(disable_after * 1000), self._k.prefix))
+            self._settings_cache[key] = settings
+        return settings
+
     async def _outcome(self, mode: str, event_id: str, sub: Subscriber | str,
                        lease: bytes | None, record: Attempt | None, *,
                        next_member: bytes = b"", due_ms: int = 0, letter: bytes = b"",
                        ) -> list[str]:
-        k = self._k
         name = sub if isinstance(sub, str) else sub.name
         now = now_ms()
-        if isinstance(sub, str):  # no longer configured: no health settings to apply
-            breaker, cool, max_cool, disable_after = 0, 0, 0, 0
-        else:
-            cb = sub.circuit_breaker
-            breaker, cool, max_cool = cb.failures, int(cb.cool_down * 1000), \
-                int(cb.max_cool_down * 1000)
-            disable_after = int(sub.disable_after * 1000)
         args = (mode, now, name, event_id, _encode(record) if record else b"", lease or b"",
-                self._retention, LOG_LENGTH, min(STATS_TTL, self._retention),
-                latency_bucket(record.latency_ms) if record else "",
-                record.latency_ms if record else 0,
-                breaker, cool, max_cool, disable_after, int(bool(record and record.probe)),
+                self._settings(sub), latency_bucket(record.latency_ms) if record else "",
+                record.latency_ms if record else 0, int(bool(record and record.probe)),
                 record.describe() if record else "", next_member, due_ms, letter,
-                k.prefix, now // 60_000)
+                now // 60_000)
         transitions = await self.script(OUTCOME, (), args)
         return [t.decode() if isinstance(t, bytes) else str(t) for t in transitions or []]

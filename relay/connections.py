@@ -180,3 +180,14 @@ def preflight(settings: RedisSettings, client: redis.Redis, who: str) -> None:
     for problem in unsafe:
         log.warning("unsafe redis (allowed by redis.allow_unsafe)",
                     extra={"who": who, "redis": where, "problem": problem})
+
+
+def text(value: Any) -> str:
+    """A reply as text. redis-py types replies as ``bytes | str`` whatever the client; ours
+    never set ``decode_responses``, so they are bytes."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def as_bytes(value: bytes | str) -> bytes:
+    """A reply as bytes (see ``text``): what msgspec decoders take."""
+    return value if isinstance(value, bytes) else value.encode()

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from relay.batching import Script
 from relay.config import Config
+from relay.connections import as_bytes, text
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter
 from relay.queue import deliver_message
@@ -89,7 +90,7 @@ class DeadLetters:
 
     async def subscribers(self) -> list[str]:
         """Every subscriber with dead letters (configured or not)."""
-        names = {n.decode() for n in await self._r.smembers(self._k.dead_subscribers)}
+        names = {text(n) for n in await self._r.smembers(self._k.dead_subscribers)}
         return sorted(names)
 
     async def _index(self, filters: Filters) -> list[tuple[float, str, str]]:
@@ -129,12 +130,12 @@ class DeadLetters:
                 pipe.lrange(self._k.log(event_id, name), 0, -1)
             results = await pipe.execute()
         letters = []
-        for (_, name, event_id), raw, log in zip(index, results[0::2], results[1::2],
-                                                 strict=True):
-            if raw is None:  # expired meanwhile
+        for (_, name, event_id), letter, log in zip(index, results[0::2], results[1::2],
+                                                    strict=True):
+            if letter is None:  # expired meanwhile
                 await self._r.zrem(self._k.dead(name), event_id)
                 continue
-            letters.append(Letter(_decode_letter(raw),
+            letters.append(Letter(_decode_letter(letter),
                                   [_decode_attempt(a) for a in reversed(log)],
                                   self._config.subscriber(name) is not None))
         return letters
@@ -162,10 +163,10 @@ class DeadLetters:
 
     async def _replay_one(self, name: str, event_id: str) -> int:
         k, config = self._k, self._config
-        raw = await self._r.get(k.letter(name, event_id))
-        if raw is None:
+        reply = await self._r.get(k.letter(name, event_id))
+        if reply is None:
             return 0
-        letter = _decode_letter(raw)
+        letter = _decode_letter(as_bytes(reply))
         message = deliver_message(k.queue, event_id, [name], 1)
         now = time.time()
         keys = [k.letter(name, event_id), k.dead(name), k.event(event_id),

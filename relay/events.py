@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 
 from relay.batching import Script
 from relay.config import Config
+from relay.connections import as_bytes, text
 from relay.health import public_state
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
@@ -139,7 +140,7 @@ class Events:
                 raise NotFound(f"subscriber {subscriber!r} is not configured")
             names = [subscriber]
         else:
-            names = [s.name for s in self._router.route(_decode_event(raw))]
+            names = [s.name for s in self._router.route(_decode_event(as_bytes(raw)))]
         if not names:
             return 0
         message = deliver_message(k.queue, event_id, names, 1)
@@ -147,7 +148,8 @@ class Events:
         keys = [k.deliveries(event_id), k.queue, k.unclaimed]
         for name in names:
             keys += [k.letter(name, event_id), k.dead(name), k.pending(name)]
-        args = [event_id, message, int((now + self._config.worker.visibility_timeout) * 1000),
+        args: list[Any] = [
+            event_id, message, int((now + self._config.worker.visibility_timeout) * 1000),
                 int(now * 1000), *names]
         return int(await self._r.eval(RESEND.text, len(keys), *keys, *args))
 
@@ -172,7 +174,7 @@ class Events:
             index = self._k.dead(subscriber)
         wanted = subscriber is not None or state is not None
         chunk = SCAN_LIMIT if wanted else limit
-        ids = [m.decode() for m in await self._r.zrevrangebyscore(
+        ids = [text(m) for m in await self._r.zrevrangebyscore(
             index, top, low, start=offset, num=chunk)]
         summaries = []
         examined = 0

@@ -76,7 +76,7 @@ class _JsonErrorServer(Server):
 
 
 async def serve(app: web.Application, host: str, port: int, *,
-                on_reload: Callable[[], None] | None = None,
+                on_reload: Callable[[], object] | None = None,
                 shutdown_timeout: float = 15.0, **handler_args: Any) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then stop accepting and finish what is in
     flight (up to ``shutdown_timeout``). SIGHUP calls ``on_reload``. A port that cannot be

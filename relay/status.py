@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, RedisError
 
 from relay.config import Config, Subscriber
+from relay.connections import text
 from relay.counters import LATENCY_BUCKETS_MS, quantile
 from relay.deadletters import DeadLetters
 from relay.health import field_ms, public_state
@@ -25,10 +26,6 @@ from relay.timefmt import iso_ms
 _SEVERITY = {"disabled": 0, "open": 1, "half-open": 2, "paused": 3, "active": 4}
 WORKER_FRESH_MS = 60_000
 BACKLOG_DEGRADED_S = 60.0
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Status:
@@ -45,7 +42,7 @@ class Status:
             for minute in minutes:
                 pipe.hgetall(self._k.stats(minute))
             raw = await pipe.execute()
-        series = [{_text(k): float(v) for k, v in hash_.items()} for hash_ in raw]
+        series = [{text(k): float(v) for k, v in hash_.items()} for hash_ in raw]
         return [m * 60 for m in minutes], series
 
     # -- subscribers -----------------------------------------------------------------------
@@ -157,7 +154,7 @@ class Status:
             "status": "degraded" if reasons else "healthy",
             "reasons": reasons,
             "redis": redis_info,
-            "workers": [{"id": _text(w), "lastSeenAt": iso_ms(at)} for w, at in workers],
+            "workers": [{"id": text(w), "lastSeenAt": iso_ms(at)} for w, at in workers],
             "queueMessages": int(queued),
             "retriesScheduled": int(scheduled),
             "backlogOldestSeconds": round(backlog, 1),
@@ -193,7 +190,7 @@ class Status:
         }
 
     async def totals(self) -> dict[str, float]:
-        return {_text(k): float(v) for k, v in (await self._r.hgetall(self._k.totals)).items()}
+        return {text(k): float(v) for k, v in (await self._r.hgetall(self._k.totals)).items()}
 
 
 def backlog_age(now_ms: float, since: bytes | None, first: list[tuple[bytes, float]]) -> float:

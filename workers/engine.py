@@ -266,8 +266,8 @@ class Engine:
             raise
         for name in plan.parked:
             self.lanes[name].parked = True
-        for event_id, sub, reason, event in plan.dead:
-            await self._dead(event_id, sub, reason, event)
+        for event_id, target, reason, event in plan.dead:
+            await self._dead(event_id, target, reason, event)
         for event, sub, attempt, lease in plan.launch:
             self.leases.track(lease, plan.leases[lease], sub)
             lane = self.lanes[sub.name]

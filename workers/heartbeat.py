@@ -25,6 +25,7 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
+from relay.connections import text
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
 from relay.queue import read_deliver_message
@@ -71,8 +72,8 @@ class Heartbeat:
     def sweep_removed(self, now: int) -> list[str]:
         """Make the pending attempts of subscribers no live worker has configured due now."""
         known = self._client.hgetall(self._keys.known)
-        removed = [name.decode() for name, at in known.items()
-                   if name.decode() not in self.subscribers
+        removed = [text(name) for name, at in known.items()
+                   if text(name) not in self.subscribers
                    and now - int(at) > KNOWN_FRESH_MS]
         if not removed:
             return []

@@ -234,7 +234,7 @@ def test_dlq_list_replay_purge_with_filters_and_dry_runs(hub: Hub) -> None:
     assert listed("--subscriber", "dl-a") == [("EV-DL-1", "dl-a"), ("EV-DL-2", "dl-a"),
                                               ("EV-DL-3", "dl-a")]
     row = rows(hub.relay("dlq", "list", "--subscriber", "dl-a", "--event", "EV-DL-3").stdout)
-    assert row == [["EV-DL-3", "dl-a", "1", "HTTP", "500", *row[0][5:7], "1", "attempts",
+    assert row == [["EV-DL-3", "dl-a", "1", "HTTP", "500", *row[0][5:7], "1", "attempt",
                     "failed"]]
     assert listed("--since", mid, "--subscriber", "dl-b") == [("EV-DL-3", "dl-b")]
     assert listed("--until", mid, "--subscriber", "dl-b") == [("EV-DL-1", "dl-b"),

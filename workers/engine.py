@@ -265,7 +265,13 @@ class Engine:
                 self.lanes[sub.name].held -= 1
             raise
         for name in plan.parked:
-            self.lanes[name].parked = True
+            lane = self.lanes[name]
+            lane.parked = True
+            lane.parkings += 1
+            if not lane.full and not lane.pulling:
+                # Its posts ended while the plan was written: no post is left whose end would
+                # pull the parked attempts, so pull now rather than at the next poll (1 s).
+                self._background_pull(name)
         for event_id, target, reason, event in plan.dead:
             await self._dead(event_id, target, reason, event)
         for event, sub, attempt, lease in plan.launch:
@@ -343,10 +349,14 @@ class Engine:
         lane.pulling = True
         try:
             while lane.parked and (room := lane.hold - lane.held) > 0:
+                parkings = lane.parkings
                 members = await self.ledger.pull(name, room,
                                                  now_ms() + self.leases.lease_ms(sub))
-                if len(members) < room:
-                    lane.parked = False  # drained (for now)
+                # Drained (for now), unless a plan parked more while the pull was on its way:
+                # the pull may have missed those, so look again rather than leave them to the
+                # next poll.
+                if len(members) < room and lane.parkings == parkings:
+                    lane.parked = False
                 if members:
                     await self._launch_pulled(sub, members)
         finally:

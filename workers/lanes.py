@@ -39,6 +39,7 @@ class Lane:
         self.latency = INITIAL_LATENCY  # recent post latency (s), moving average
         self.parked = False     # attempts of this subscriber are (or may be) parked in Redis
         self.pulling = False    # a pull of parked attempts is in flight
+        self.parkings = 0       # plans that parked attempts, written so far (see Engine._pull)
         self.waiting: deque[Any] = deque()
 
     @property

@@ -175,8 +175,8 @@ class Engine:
                 return await self._start(event_ids, names, attempt, batch)
             except (RedisError, OSError) as exc:
                 if pause == 0.1:  # said once: a script error would otherwise go unseen
-                    log.warning("recording an outcome failed; retrying",
-                                extra={"error": repr(exc)})
+                    log.warning("starting a task's deliveries failed; retrying",
+                                extra={"eventId": event_ids, "error": repr(exc)})
                 if time.monotonic() > deadline:
                     log.error("task not started: redis unavailable; its message is queued "
                               "again from unclaimed", extra={"eventId": event_ids,

@@ -294,6 +294,11 @@ class Bench:
         with contextlib.closing(self.redis.client()) as c:
             before = redis_snapshot(c)
             r, mark = self.measured(f"ingress-{tag}", [url], f"ing-{tag}-{round_no}-", n)
+            if replica is not None:
+                # Without min_replicas the last writes may still be on their way (in a short
+                # run, all of them: the replication stream then counted 0 bytes): let the
+                # replica catch up (WAIT) before counting what was sent and what it holds.
+                c.execute_command("WAIT", 1, 10_000)
             after = redis_snapshot(c)
         cpu = self.cpu_used(mark, r)
         if ingress is not self.ingress:  # its process stands in the ingress column
@@ -303,10 +308,6 @@ class Bench:
         keys = self.keys
         on_replica = None
         if replica is not None:
-            # Without min_replicas the last writes may still be on their way: let the replica
-            # catch up (WAIT) before counting what it holds.
-            with contextlib.closing(self.redis.client()) as c:
-                c.execute_command("WAIT", 1, 10_000)
             with contextlib.closing(replica.client()) as c:
                 on_replica = sum(1 for _ in c.scan_iter(match=keys.event("*"), count=5000))
         with contextlib.closing(self.redis.client()) as c:

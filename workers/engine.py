@@ -168,28 +168,19 @@ class Engine:
                                 attempt: int, batch: str | None) -> int:
         """``_start``, retried while Redis is away (PERSIST_FOR), dead-lettering what can
         never be processed."""
-        deadline = time.monotonic() + PERSIST_FOR
-        pause = 0.1
-        while True:
-            try:
-                return await self._start(event_ids, names, attempt, batch)
-            except (RedisError, OSError) as exc:
-                if pause == 0.1:  # said once: a script error would otherwise go unseen
-                    log.warning("starting a task's deliveries failed; retrying",
-                                extra={"eventId": event_ids, "error": repr(exc)})
-                if time.monotonic() > deadline:
-                    log.error("task not started: redis unavailable; its message is queued "
-                              "again from unclaimed", extra={"eventId": event_ids,
-                                                             "error": repr(exc)})
-                    return 0
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 2.0)
-            except Exception as exc:
-                # Not a passing condition: retrying would fail the same way, forever.
-                log.exception("task cannot be processed; its events are dead-lettered",
-                              extra={"eventId": event_ids, "subscribers": names})
-                await self._give_up(event_ids, names, attempt, batch, exc)
-                return 0
+        try:
+            started = await self._until_redis_answers(
+                lambda: self._start(event_ids, names, attempt, batch),
+                "starting a task's deliveries",
+                "task not started: redis unavailable; its message is queued again from unclaimed",
+                {"eventId": event_ids})
+            return started or 0
+        except Exception as exc:
+            # Not a passing condition: retrying would fail the same way, forever.
+            log.exception("task cannot be processed; its events are dead-lettered",
+                          extra={"eventId": event_ids, "subscribers": names})
+            await self._give_up(event_ids, names, attempt, batch, exc)
+            return 0
 
     async def _give_up(self, event_ids: str | list[str], names: list[str] | None,
                        attempt: int, batch: str | None, error: BaseException) -> None:
@@ -519,18 +510,25 @@ class Engine:
 
     async def _persist(self, write: Callable[[], Awaitable[T]]) -> T | None:
         """Record an outcome, retrying while Redis is away; the lease covers the rest."""
+        return await self._until_redis_answers(
+            write, "recording an outcome", "could not record outcome; the lease will retry it")
+
+    async def _until_redis_answers(self, write: Callable[[], Awaitable[T]], what: str,
+                                   gave_up: str, context: dict[str, Any] | None = None,
+                                   ) -> T | None:
+        """``write()``, retried with backoff while Redis is away, for up to PERSIST_FOR;
+        None if it never answered. Other errors are the caller's."""
         deadline = time.monotonic() + PERSIST_FOR
         pause = 0.1
         while True:
             try:
                 return await write()
             except (RedisError, OSError) as exc:
+                extra = {**(context or {}), "error": repr(exc)}
                 if pause == 0.1:  # said once: a script error would otherwise go unseen
-                    log.warning("recording an outcome failed; retrying",
-                                extra={"error": repr(exc)})
+                    log.warning(f"{what} failed; retrying", extra=extra)
                 if time.monotonic() > deadline:
-                    log.error("could not record outcome; the lease will retry it",
-                              extra={"error": repr(exc)})
+                    log.error(gave_up, extra=extra)
                     return None
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2.0)

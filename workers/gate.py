@@ -109,11 +109,8 @@ class Gate:
     async def admit(self, sub: Subscriber) -> Verdict:
         """May an attempt of ``sub`` be posted now? Waits here for the rate limiter."""
         while True:
-            if sub.rate_limit is None:
-                cached = self._cache.get(sub.name)
-                if (cached is not None and cached[0] == "closed"
-                        and time.monotonic() - cached[1] < CACHE_SECONDS):
-                    return GO
+            if self.fast(sub):
+                return GO
             verdict = await self._ask(sub)
             if verdict.kind != "wait":
                 return verdict

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 
 from relay.batching import GroupCommit, Script
 from relay.config import Subscriber
+from relay.connections import text
 from relay.counters import STATS_TTL, latency_bucket
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
@@ -370,4 +371,4 @@ class Ledger:
                 record.describe() if record else "", next_member, due_ms, letter,
                 now // 60_000)
         transitions = await self.script(OUTCOME, (), args)
-        return [t.decode() if isinstance(t, bytes) else str(t) for t in transitions or []]
+        return [text(t) for t in transitions or []]

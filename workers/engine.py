@@ -45,7 +45,7 @@ from workers.backoff import retry_delay
 from workers.gate import GO, Gate
 from workers.lanes import Lane, Lanes
 from workers.leases import LeaseKeeper
-from workers.ledger import Ledger, Loaded, now_ms
+from workers.ledger import LeasePlan, Ledger, Loaded, now_ms
 
 log = logging.getLogger("relay.worker")
 T = TypeVar("T")
@@ -74,15 +74,20 @@ ANY = "*"
 
 
 class _Plan:
-    """What one task decided, written in one round trip before any post starts."""
+    """What one task decided: its dead letters, then one script (ledger.LEASE) for the rest,
+    written before any post starts."""
 
     def __init__(self) -> None:
-        self.leases: dict[bytes, int] = {}
-        self.held: dict[str, dict[bytes, int]] = defaultdict(dict)
-        self.parked: dict[str, dict[bytes, int]] = defaultdict(dict)
-        self.pending: dict[str, dict[str, int]] = defaultdict(dict)
+        self.redis = LeasePlan(held=defaultdict(dict), moves=defaultdict(list),
+                               parked=defaultdict(dict), pending=defaultdict(dict))
         self.launch: list[tuple[StoredEvent, Subscriber, int, bytes]] = []
-        self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None]] = []
+        #: (event id, subscriber, reason, event, the pulled member it was, if it was one)
+        self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None,
+                              bytes | None]] = []
+
+    @property
+    def leases(self) -> dict[bytes, int]:
+        return self.redis.leases
 
 
 class Engine:
@@ -188,11 +193,13 @@ class Engine:
         message, so it is not queued again forever (holding up the rest of its batch)."""
         reason = f"cannot be processed: {type(error).__name__}: {error}"[:300]
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
-        for event_id in ids:
-            for name in names or [ANY]:
-                await self._dead(event_id, self.subscribers.get(name, name), reason, None)
+        plan = _Plan()
+        plan.dead = [(event_id, self.subscribers.get(name, name), reason, None, None)
+                     for event_id in ids for name in names or [ANY]]
         taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
-        await self._persist(lambda: self.ledger.run([("ZREM", self.keys.unclaimed, taken)]))
+        # The letters, then the note: if Redis never takes the letters, the note stays and
+        # the message is queued again (and fails the same way, and is dead-lettered then).
+        await self._persist(lambda: self._commit(plan, taken))
 
     def reload(self, config: Config) -> None:
         """Apply ``config`` on the loop (safe from a signal handler or another thread)."""
@@ -242,20 +249,29 @@ class Engine:
                 reason = f"cannot be processed: {type(exc).__name__}: {exc}"[:300]
                 for name in names or [ANY]:
                     plan.dead.append((event_id, self.subscribers.get(name, name), reason,
-                                      item.event))
+                                      item.event, None))
         await self._commit(plan, taken)
         return len(plan.launch)
 
     async def _commit(self, plan: _Plan, taken: bytes | None) -> None:
-        """Write the plan (leases, parked, held, pending) in one round trip, then dead-letter
-        and launch what it says."""
+        """Write the plan, then launch what it says. Dead letters first: the task's note in
+        ``unclaimed`` (removed by the lease script) must outlive them, or a SIGKILL or a Redis
+        outage between the two would forget a delivery that no dead letter records. A failed
+        write raises (the caller retries the whole task; a dead letter written twice is one
+        letter)."""
         try:
-            await self.ledger.lease(plan.leases, plan.held, plan.pending, taken, plan.parked)
+            for event_id, target, reason, event, member in plan.dead:
+                transitions = await self.ledger.dead_letter(event_id, target, reason, event,
+                                                            member)
+                self._said_dead(event_id, target, reason)
+                await self._alert(transitions, target if isinstance(target, str)
+                                  else target.name, f"{event_id}: {reason}")
+            await self.ledger.lease(plan.redis, taken)
         except BaseException:
             for _, sub, _, _ in plan.launch:
                 self.lanes[sub.name].held -= 1
             raise
-        for name in plan.parked:
+        for name in plan.redis.parked:
             lane = self.lanes[name]
             lane.parked = True
             lane.parkings += 1
@@ -263,8 +279,6 @@ class Engine:
                 # Its posts ended while the plan was written: no post is left whose end would
                 # pull the parked attempts, so pull now rather than at the next poll (1 s).
                 self._background_pull(name)
-        for event_id, target, reason, event in plan.dead:
-            await self._dead(event_id, target, reason, event)
         for event, sub, attempt, lease in plan.launch:
             self.leases.track(lease, plan.leases[lease], sub)
             lane = self.lanes[sub.name]
@@ -287,7 +301,7 @@ class Engine:
             for name in names or [ANY]:
                 if name not in item.done:
                     plan.dead.append((event_id, self.subscribers.get(name, name),
-                                      "event expired", None))
+                                      "event expired", None, lease))
             log.error("event record expired with attempts pending; dead-lettered",
                       extra={"eventId": event_id, "subscribers": names or ANY})
             return
@@ -303,28 +317,34 @@ class Engine:
                 message = deliver_message(self.keys.queue, event_id, [name], attempt)
                 plan.leases[message] = now + PARK_UNKNOWN_MS
             else:
-                plan.dead.append((event_id, name, "subscriber removed", event))
+                plan.dead.append((event_id, name, "subscriber removed", event, lease))
         for sub in targets:
             if sub.name in item.done:
+                if lease is not None:
+                    plan.redis.drops.append(lease)  # delivered meanwhile: no lease needed
                 continue
-            plan.pending[sub.name][event_id] = int(event.received_at * 1000)
+            plan.redis.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
             own = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
                 plan.dead.append((event_id, sub, "no outcome recorded for the last attempt",
-                                  event))
+                                  event, lease))
             elif self.gate.cached_hold(sub):
-                # Paused, disabled or its breaker open: held, not posted, not counted.
-                plan.held[sub.name][own] = now
+                # Paused, disabled or its breaker open: held, not posted, not counted. (If a
+                # resume came after the cached verdict, the script puts it due now instead.)
+                if lease is None:
+                    plan.redis.held[sub.name][own] = now
+                else:  # a pulled member is its own lease in the schedule: moved, not copied
+                    plan.redis.moves[sub.name].append(lease)
             elif lease is None and (lane.full or lane.parked):
                 # It already holds its share of the process's attempts (or has attempts parked
                 # before this one: they go first): park the attempt in ``parked:{sub}``, from
                 # which lanes of this subscriber in any worker pull as they have room. Not in
                 # memory, not a Celery message, not counted as an attempt: one subscriber's
                 # slowness costs nobody else anything.
-                plan.parked[sub.name][own] = now
+                plan.redis.parked[sub.name][own] = now
             else:
                 own_lease = lease or deliver_message(self.keys.queue, event_id, [sub.name],
                                                      attempt + 1)
@@ -364,12 +384,11 @@ class Engine:
                                  lease=member)
             except Exception as exc:
                 plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
-                                  item.event))
+                                  item.event, member))
+        # Every member is accounted for in the one script: launched (its lease re-scored),
+        # held (moved), dropped (delivered meanwhile) or dead-lettered (removed with the
+        # letter). Should the write fail, each stays in the schedule as its own lease.
         await self._commit(plan, None)
-        # What was not launched (delivered meanwhile, held, dead-lettered) needs no lease.
-        done = [m for m in members if m not in plan.leases]
-        if done:
-            await self._persist(lambda: self.ledger.run([("ZREM", self.keys.schedule, *done)]))
 
     async def _puller(self) -> None:
         """Pull parked attempts into lanes with room: at once when a post ends (``_finished``)
@@ -493,14 +512,10 @@ class Engine:
         self.gate.learn(sub, outcome.ok, transitions or [])
         await self._alert(transitions, sub.name, f"{event.event_id}: {record.describe()}")
 
-    async def _dead(self, event_id: str, sub: Subscriber | str, reason: str,
-                    event: StoredEvent | None) -> None:
-        name = sub if isinstance(sub, str) else sub.name
-        transitions = await self._persist(
-            lambda: self.ledger.dead_letter(event_id, sub, reason, event))
-        log.warning("dead-lettered", extra={"eventId": event_id, "subscriber": name,
-                                            "reason": reason})
-        await self._alert(transitions, name, f"{event_id}: {reason}")
+    def _said_dead(self, event_id: str, sub: Subscriber | str, reason: str) -> None:
+        log.warning("dead-lettered", extra={"eventId": event_id,
+                                            "subscriber": sub if isinstance(sub, str)
+                                            else sub.name, "reason": reason})
 
     async def _alert(self, transitions: list[str] | None, name: str, detail: str) -> None:
         for transition in transitions or []:

@@ -192,14 +192,73 @@ end
 return members
 """)
 
-# KEYS: held, health, schedule. ARGV: score, member, ... Attempts a task holds without posting
-# (its gate's cached verdict): held, or due at once if the subscriber was resumed meanwhile.
-HOLD_NEW = Script(HELD_NOW_FN + """
-local target = held_now(KEYS[2]) and KEYS[1] or KEYS[3]
-for i = 1, #ARGV, 2 do
-  redis.call('ZADD', target, ARGV[i], ARGV[i + 1])
+# What one task (or one pull of parked attempts) decided, written all or nothing before any
+# post starts. A pipeline would not do: when Redis is full (maxmemory, noeviction) it refuses
+# the ZADDs but still accepts the final ZREM of the task's note in ``unclaimed``, and the
+# fan-out would vanish with its message acknowledged. A script whose first write is refused
+# writes nothing (Redis refuses a script's writes for OOM only until its first one succeeds).
+# ARGV: key prefix, the task's message ('' for none), now ms, then sections, each led by its
+# count:
+#   leases   n, n x (due ms, member)                   -> schedule
+#   held     n groups x (sub, k, k x (ms, member))     -> held:{sub}; due now in the schedule
+#                                                         if the subscriber is held no longer
+#   moves    n groups x (sub, k, k x member)           pulled members already in the schedule:
+#                                                         to held:{sub} if held now, else due now
+#   parked   n groups x (sub, k, k x (ms, member))     -> parked:{sub} (NX: keeps its place)
+#   pending  n groups x (sub, k, k x (ms, event id))   -> pending:{sub} (NX)
+#   drops    n, n x member                             removed from the schedule
+# The task's note in ``unclaimed`` goes last, with everything it stands for.
+LEASE = Script(HELD_NOW_FN + """
+local p, taken, now = ARGV[1], ARGV[2], ARGV[3]
+local schedule = p .. 'schedule'
+local i = 4
+local function take()
+  local v = ARGV[i]
+  i = i + 1
+  return v
 end
-return #ARGV / 2
+local n = tonumber(take())
+for _ = 1, n do
+  local due, member = take(), take()
+  redis.call('ZADD', schedule, due, member)
+end
+for _ = 1, tonumber(take()) do
+  local sub, k = take(), tonumber(take())
+  local held = held_now(p .. 'health:' .. sub)
+  for _ = 1, k do
+    local ms, member = take(), take()
+    if held then redis.call('ZADD', p .. 'held:' .. sub, ms, member)
+    else redis.call('ZADD', schedule, now, member) end
+  end
+end
+for _ = 1, tonumber(take()) do
+  local sub, k = take(), tonumber(take())
+  local held = held_now(p .. 'health:' .. sub)
+  for _ = 1, k do
+    local member = take()
+    if held then
+      if redis.call('ZREM', schedule, member) == 1 then
+        redis.call('ZADD', p .. 'held:' .. sub, now, member)
+      end
+    else
+      redis.call('ZADD', schedule, 'XX', now, member)
+    end
+  end
+end
+for _, name in ipairs({'parked:', 'pending:'}) do
+  for _ = 1, tonumber(take()) do
+    local key, k = p .. name .. take(), tonumber(take())
+    for _ = 1, k do
+      local ms, member = take(), take()
+      redis.call('ZADD', key, 'NX', ms, member)
+    end
+  end
+end
+for _ = 1, tonumber(take()) do
+  redis.call('ZREM', schedule, take())
+end
+if taken ~= '' then redis.call('ZREM', p .. 'unclaimed', taken) end
+return 1
 """)
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -213,6 +272,27 @@ def now_ms() -> int:
 def _scored(members: dict[bytes, int]) -> list[Any]:
     """``{member: score}`` as ZADD's ``score member ...`` arguments."""
     return [x for member, score in members.items() for x in (score, member)]
+
+
+class LeasePlan(msgspec.Struct):
+    """The Redis side of what a task decided (see LEASE)."""
+
+    #: next-attempt message -> due ms
+    leases: dict[bytes, int] = msgspec.field(default_factory=dict)
+    #: subscriber -> {message -> ms}: not posted now (paused, disabled, breaker open)
+    held: dict[str, dict[bytes, int]] = msgspec.field(default_factory=dict)
+    #: subscriber -> pulled members (already in the schedule) to hold
+    moves: dict[str, list[bytes]] = msgspec.field(default_factory=dict)
+    #: subscriber -> {message -> ms}: no room in this process's lane
+    parked: dict[str, dict[bytes, int]] = msgspec.field(default_factory=dict)
+    #: subscriber -> {event id -> ms}
+    pending: dict[str, dict[Any, int]] = msgspec.field(default_factory=dict)
+    #: pulled members that need no lease (delivered meanwhile)
+    drops: list[bytes] = msgspec.field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.leases or self.held or self.moves or self.parked or self.pending
+                    or self.drops)
 
 
 class Loaded(msgspec.Struct, frozen=True):
@@ -285,30 +365,30 @@ class Ledger:
             loaded.append(Loaded(event, done, seen))
         return loaded
 
-    async def lease(self, leases: dict[bytes, int], held: dict[str, dict[bytes, int]],
-                    pending: dict[str, dict[str, int]], taken: bytes | None,
-                    parked: dict[str, dict[bytes, int]] | None = None) -> None:
-        """Before attempts start: add the next-attempt messages (``{message: due_ms}``, leases
-        and parked attempts), hold what may not be posted now (``{sub: {message: ms}}``), note
-        what each subscriber has pending (``{sub: {event_id: ms}}``), then drop ``taken`` (the
-        message of the task doing this) from ``unclaimed``. Ordered so any prefix is harmless:
-        the task's message stays noted (and is redelivered) until everything else is written."""
-        commands: list[tuple[Any, ...]] = []
-        if leases:
-            commands.append(("ZADD", self._k.schedule, *_scored(leases)))
-        for sub, members in held.items():
-            commands.append(("EVAL", HOLD_NEW.text, 3, self._k.held(sub), self._k.health(sub),
-                             self._k.schedule, *_scored(members)))
-        for sub, members in (parked or {}).items():
-            # NX: a parked attempt keeps its place in line if it is parked again
-            commands.append(("ZADD", self._k.parked(sub), "NX", *_scored(members)))
-        for sub, events in pending.items():
-            commands.append(("ZADD", self._k.pending(sub), "NX",
-                             *[x for event_id, ms in events.items() for x in (ms, event_id)]))
-        if taken is not None:
-            commands.append(("ZREM", self._k.unclaimed, taken))
-        if commands:
-            await self.run(commands, task=True)
+    async def lease(self, plan: LeasePlan, taken: bytes | None) -> None:
+        """Before attempts start, in one script (LEASE): add the next-attempt messages
+        (leases), hold what may not be posted now, park what has no room, note what each
+        subscriber has pending, drop pulled members that need no lease, and last remove
+        ``taken`` (the message of the task doing this) from ``unclaimed``: all or nothing, so
+        the task's message stays noted (and is queued again) unless everything was written."""
+        if plan.empty() and taken is None:
+            return
+        args: list[Any] = [self._k.prefix, taken or b"", now_ms(), len(plan.leases),
+                           *_scored(plan.leases)]
+        args.append(len(plan.held))
+        for sub, held in plan.held.items():
+            args += [sub, len(held), *_scored(held)]
+        args.append(len(plan.moves))
+        for sub, moved in plan.moves.items():
+            args += [sub, len(moved), *moved]
+        for groups in (plan.parked, plan.pending):
+            args.append(len(groups))
+            for sub, scored_members in groups.items():
+                args += [sub, len(scored_members), *_scored(scored_members)]
+        args += [len(plan.drops), *plan.drops]
+        result = await self._tasks.script(LEASE, (), args)
+        if isinstance(result, Exception):
+            raise result
 
     async def pull(self, sub: str, most: int, lease_due: int) -> list[bytes]:
         """Take up to ``most`` parked attempts of ``sub``, oldest first; each becomes its own

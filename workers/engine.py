@@ -54,8 +54,9 @@ T = TypeVar("T")
 PERSIST_FOR = 120.0
 #: Tasks being started at once before a new one waits (workers/engine.py Engine.start).
 MAX_PENDING_STARTS = 32
-#: Longest a task waits for a full process to have room (then its overflow is parked).
-FULL_WAIT = 30.0
+#: A full process lets tasks wait for room for at most visibility_timeout / this, in all
+#: (then their overflow is parked): see Engine._wait_for_room.
+FULL_WAIT_SHARE = 6
 #: A subscriber this process does not know, that another live worker had configured within
 #: this long (workers/heartbeat.py), is not "removed": its attempt waits PARK_UNKNOWN_MS for
 #: a worker that knows it (a rolling deploy, or a reload not everywhere yet).
@@ -102,6 +103,7 @@ class Engine:
         self._pulls: set[asyncio.Task[None]] = set()
         self._pending: set[concurrent.futures.Future[int]] = set()
         self._pending_lock = threading.Lock()
+        self._full_since: float | None = None
         self._call(self._setup())
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -149,13 +151,7 @@ class Engine:
         (workers/scheduler.py). Only when MAX_PENDING_STARTS are in progress does the task
         wait, so a worker whose loop cannot keep up leaves the backlog in the Redis queue.
         """
-        # A process whose lanes are all full takes no more (the backlog waits in the Redis
-        # queue, where any worker can take it, instead of being parked attempt by attempt).
-        # One subscriber alone never gets here: it holds at most its share of max_in_flight.
-        waited = 0.0
-        while self.lanes.held() >= self.config.worker.max_in_flight and waited < FULL_WAIT:
-            time.sleep(0.005)
-            waited += 0.005
+        self._wait_for_room()
         future = asyncio.run_coroutine_threadsafe(
             self._start_until_done(event_ids, subscribers, attempt, batch), self._loop)
         with self._pending_lock:
@@ -164,6 +160,27 @@ class Engine:
         while len(self._pending) > MAX_PENDING_STARTS:
             concurrent.futures.wait(list(self._pending), timeout=1.0,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _wait_for_room(self) -> None:
+        """While every lane is full, let the backlog wait in the Redis queue (where any worker
+        can take it) rather than park it attempt by attempt; but only for a bounded time in
+        all. Celery has prefetched messages behind this one, unacknowledged until their tasks
+        return: held past ``worker.visibility_timeout``, kombu's restore (run by whichever
+        worker polls) queues them again, re-serialised, so neither the worker holding them nor
+        the scheduler's unclaimed check recognises them, and they run twice. So the process
+        waits at most ``visibility_timeout / FULL_WAIT_SHARE`` from the moment it filled up,
+        however many tasks arrive meanwhile; past that, tasks park their overflow at once. One
+        subscriber alone never gets here: it holds at most its share of max_in_flight."""
+        most = self.config.worker.max_in_flight
+        if self.lanes.held() < most:
+            self._full_since = None
+            return
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        deadline = self._full_since + self.config.worker.visibility_timeout / FULL_WAIT_SHARE
+        while self.lanes.held() >= most and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def _started(self, future: concurrent.futures.Future[int]) -> None:
         with self._pending_lock:

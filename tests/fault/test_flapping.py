@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from relay import health
-from tests.fault.helpers import KEYS, Load, account, backlog, bodies, wait_quiet
+from tests.fault.helpers import KEYS, Load, account, bodies, wait_quiet
 from tests.hub import Reply, dead_letters, ingress, worker, write_config
 from tests.support import wait_until
 

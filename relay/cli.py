@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from relay import clock
 from relay.config import Config, config_path, is_loopback, load_config
 from relay.errors import ConfigError, EnvelopeError
 from relay.logs import setup_logging
@@ -529,7 +530,6 @@ def subscribers_resume(name: str) -> None:
 
 
 def _pause_or_resume(name: str, pause: bool) -> None:
-    import time
 
     from relay import health
     from relay.keys import Keys
@@ -540,7 +540,7 @@ def _pause_or_resume(name: str, pause: bool) -> None:
 
     async def act() -> int:
         async with _client(config) as client:
-            now = int(time.time() * 1000)
+            now = clock.now_ms()
             if pause:
                 await health.pause(client, Keys.of(config), name, now)
                 return 0

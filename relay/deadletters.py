@@ -8,12 +8,12 @@ Used by the CLI (``relay dlq ...``) and the admin API alike, reading what the wo
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
+from relay import clock
 from relay.batching import Script
 from relay.config import Config
 from relay.connections import as_bytes, text
@@ -95,7 +95,7 @@ class DeadLetters:
 
     async def _index(self, filters: Filters) -> list[tuple[float, str, str]]:
         """(dead at, subscriber, event id) of the letters matching ``filters``, newest first."""
-        now = time.time()
+        now = clock.now()
         names = [filters.subscriber] if filters.subscriber else await self.subscribers()
         low = "-inf" if filters.since is None else filters.since * 1000
         high = "+inf" if filters.until is None else filters.until * 1000
@@ -168,7 +168,7 @@ class DeadLetters:
             return 0
         letter = _decode_letter(as_bytes(reply))
         message = deliver_message(k.queue, event_id, [name], 1)
-        now = time.time()
+        now = clock.now()
         keys = [k.letter(name, event_id), k.dead(name), k.event(event_id),
                 k.deliveries(event_id), k.queue, k.unclaimed, k.pending(name)]
         args: list[Any] = [event_id, name, _encode(letter.event) if letter.event else b"",

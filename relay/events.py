@@ -9,12 +9,12 @@ amount: one event's keys, or one page of an index (at most ``SCAN_LIMIT`` events
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
+from relay import clock
 from relay.batching import Script
 from relay.config import Config
 from relay.connections import as_bytes, text
@@ -144,7 +144,7 @@ class Events:
         if not names:
             return 0
         message = deliver_message(k.queue, event_id, names, 1)
-        now = time.time()
+        now = clock.now()
         keys = [k.deliveries(event_id), k.queue, k.unclaimed]
         for name in names:
             keys += [k.letter(name, event_id), k.dead(name), k.pending(name)]
@@ -162,7 +162,7 @@ class Events:
         """Event summaries, newest first, and the cursor of the next page (or None)."""
         # The page's upper bound is fixed at the first page (now, unless ``until``), so events
         # arriving between pages do not shift the offsets of the next page.
-        top: float = until * 1000 if until is not None else time.time() * 1000
+        top: float = until * 1000 if until is not None else clock.now() * 1000
         if cursor:
             top_text, _, offset_text = cursor.partition(":")
             top, offset = float(top_text), int(offset_text)

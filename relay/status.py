@@ -7,12 +7,12 @@ hashes, whatever the traffic.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, RedisError
 
+from relay import clock
 from relay.config import Config, Subscriber
 from relay.connections import text
 from relay.counters import LATENCY_BUCKETS_MS, quantile
@@ -36,7 +36,7 @@ class Status:
 
     async def minutes(self, count: int) -> tuple[list[int], list[dict[str, float]]]:
         """The last ``count`` minutes (oldest first): their starts (unix s) and counters."""
-        now_minute = int(time.time() // 60)
+        now_minute = int(clock.now() // 60)
         minutes = list(range(now_minute - count + 1, now_minute + 1))
         async with self._r.pipeline(transaction=False) as pipe:
             for minute in minutes:
@@ -53,7 +53,7 @@ class Status:
         names = [s.name for s in self._config.subscribers]
         names += [n for n in dead if n not in names]
         retention_ms = self._config.redis.retention * 1000
-        now = time.time() * 1000
+        now = clock.now() * 1000
         async with self._r.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hgetall(self._k.health(name))
@@ -113,7 +113,7 @@ class Status:
     # -- the hub -----------------------------------------------------------------------------
 
     async def overview(self) -> dict[str, Any]:
-        now = time.time() * 1000
+        now = clock.now() * 1000
         redis_info: dict[str, Any] = {"reachable": False, "writable": False, "version": None,
                                       "role": None}
         try:

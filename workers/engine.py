@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import aiohttp
 from redis.exceptions import RedisError
 
+from relay import clock
 from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
@@ -112,6 +113,8 @@ class Engine:
     async def _setup(self) -> None:
         self._redis = async_client(self.config.redis, socket_connect_timeout=2,
                                    health_check_interval=10)
+        with contextlib.suppress(RedisError, OSError):  # measured again with every note
+            await clock.CLOCK.ameasure(self._redis)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
         self.leases = LeaseKeeper(self.ledger, self.config.worker.lease_grace)
         self.gate = Gate(self.ledger, self.keys, self.config.worker.lease_grace)
@@ -444,6 +447,8 @@ class Engine:
         attempts of a name no live process has noted for a while."""
         while True:
             names = set(self.subscribers) | set(self.lanes.busy())
+            with contextlib.suppress(RedisError, OSError):
+                await clock.CLOCK.ameasure(self._redis)
             if names:
                 with contextlib.suppress(RedisError, OSError):
                     await self.ledger.run([("HSET", self.keys.known,
@@ -499,7 +504,7 @@ class Engine:
         # The outcome write below re-scores or removes the lease: stop renewing it first.
         self.leases.forget(lease)
         self.lanes[sub.name].observe(outcome.latency_ms)
-        record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms,
+        record = Attempt(clock.now(), attempt, outcome.status, outcome.error, outcome.latency_ms,
                          verdict.probe)
         context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
                    "status": outcome.status, "error": outcome.error,

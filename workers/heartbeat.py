@@ -19,12 +19,12 @@ import logging
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 
 import redis
 from redis.exceptions import RedisError
 
+from relay import clock
 from relay.connections import text
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
@@ -58,7 +58,10 @@ class Heartbeat:
         self._release = client.register_script(RELEASE)
 
     def beat(self) -> None:
-        now = int(time.time() * 1000)
+        # This process's scheduler and heartbeat compare times other hosts wrote: keep the
+        # offset to Redis's clock fresh (relay/clock.py).
+        clock.CLOCK.measure(self._client)
+        now = clock.now_ms()
         with self._client.pipeline(transaction=False) as pipe:
             pipe.zadd(self._keys.workers, {self._id: now})
             pipe.zremrangebyscore(self._keys.workers, "-inf", now - FORGET_WORKERS_MS)

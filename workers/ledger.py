@@ -22,13 +22,13 @@ instead of a dozen: Redis client work was ~30 % of a worker's CPU at fan-out 10
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from relay.batching import GroupCommit, Script
+from relay.clock import now, now_ms
 from relay.config import Subscriber
 from relay.connections import text
 from relay.counters import STATS_TTL, latency_bucket
@@ -265,10 +265,6 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_event = msgspec.msgpack.Decoder(StoredEvent).decode
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _scored(members: dict[bytes, int]) -> list[Any]:
     """``{member: score}`` as ZADD's ``score member ...`` arguments."""
     return [x for member, score in members.items() for x in (score, member)]
@@ -419,7 +415,7 @@ class Ledger:
                           event: StoredEvent | None, lease: bytes | None = None,
                           record: Attempt | None = None) -> list[str]:
         name = sub if isinstance(sub, str) else sub.name
-        letter = DeadLetter(event_id, name, reason, time.time(), event)
+        letter = DeadLetter(event_id, name, reason, now(), event)
         return await self._outcome("dead", event_id, sub, lease, record, letter=_encode(letter))
 
     def _settings(self, sub: Subscriber | str) -> str:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 
 import redis
 from redis.exceptions import RedisError
 
+from relay import clock
 from relay.keys import Keys
 
 log = logging.getLogger("relay.scheduler")
@@ -124,7 +124,7 @@ class Scheduler:
         later that is neither in the queue nor recorded by kombu as unacknowledged was popped by
         a worker that died before kombu recorded it: it is queued again and counted too.
         """
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = clock.now_ms() if now_ms is None else now_ms
         k = self._keys
         due, lost, probes = self._move(
             keys=[k.schedule, k.queue, k.unclaimed, KOMBU_UNACKED, k.breakers,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from relay import health
+from relay import clock, health
 from relay.admin.metrics import Snapshot, render
 from relay.config import Config
 from relay.connections import async_client
@@ -189,7 +188,7 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     admin = request.app[ADMIN]
     name, action = request.match_info["name"], request.match_info["action"]
     _configured(admin, name)
-    now = int(time.time() * 1000)
+    now = clock.now_ms()
     if action == "pause":
         await health.pause(admin.redis, admin.keys, name, now)
     else:
@@ -313,6 +312,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     async def close(app: web.Application) -> None:
         await redis.aclose()
 
+    app.cleanup_ctx.append(clock.measuring(redis))  # ages against workers' times
     app.on_cleanup.append(close)
     return app
 

@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from relay import clock
 from relay.config import Config
 from relay.connections import async_client
 from relay.errors import EnvelopeError, SignatureError
@@ -152,7 +153,7 @@ class WebhookHandler:
             return self._reject(401, "signature", str(exc), event_id=event_id)
 
         record = StoredEvent(event_id=event_id, topic=envelope.topic,
-                             event_types=envelope.event_types(), received_at=time.time(),
+                             event_types=envelope.event_types(), received_at=clock.now(),
                              body=body, order_numbers=envelope.order_numbers())
         try:
             is_new = await self._store.accept(record)
@@ -227,6 +228,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
         freeze_startup_objects()  # relay/gcfreeze.py: why
 
     app.on_startup.append(freeze)
+    app.cleanup_ctx.append(clock.measuring(redis))  # received times on Redis's clock
     app.on_cleanup.append(close_redis)
     return app
 

@@ -1,0 +1,112 @@
+"""Time as Redis keeps it: the one clock every machine of the hub compares.
+
+Lease and retry due times, ``unclaimed`` deadlines, ``known`` freshness, breaker cool-downs
+and pending ages are written by one machine and compared by another (the scheduler of any
+worker, the heartbeat, the admin). Compared on each host's own wall clock, a worker 15 s
+behind writes leases already due (another worker's scheduler queues them at once: the
+attempt is posted twice), and one whose notes look 15 s old has its subscribers taken for
+removed (their attempts dead-lettered during a rolling deploy). So each process measures
+how far its clock is from Redis's (``TIME``, halfway through the round trip, keeping the
+sample with the shortest round trip of the last few) and every such time is this host's
+clock plus that offset. Reading ``TIME`` on every call instead would cost a round trip per
+delivery.
+
+Wall-clock times that only this host reads (latencies, timeouts) use ``time.monotonic``;
+a Standard Webhooks timestamp is for the subscriber to check against its own clock, so it
+stays on this host's (NTP-kept) clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+log = logging.getLogger("relay.clock")
+
+#: Samples kept; the one with the shortest round trip sets the offset.
+SAMPLES = 12
+#: A sample whose round trip took longer says too little about the offset.
+MAX_RTT = 0.25
+#: Past this, the offset is logged (once per process, and again if it changes that much).
+WARN_OFFSET_MS = 1000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset_ms = 0.0
+        self._samples: deque[tuple[float, float]] = deque(maxlen=SAMPLES)  # (rtt, offset)
+        self._warned_at: float | None = None
+
+    def now_ms(self) -> int:
+        """Milliseconds since the epoch on Redis's clock."""
+        return int(time.time() * 1000 + self.offset_ms)
+
+    def now(self) -> float:
+        """Seconds since the epoch on Redis's clock."""
+        return time.time() + self.offset_ms / 1000
+
+    def measure(self, client: Any) -> None:
+        """One sample, from a synchronous redis-py client."""
+        before = time.time()
+        seconds, micros = client.time()
+        self._sample(before, time.time(), seconds, micros)
+
+    async def ameasure(self, client: Any) -> None:
+        """One sample, from an asyncio redis-py client."""
+        before = time.time()
+        seconds, micros = await client.time()
+        self._sample(before, time.time(), seconds, micros)
+
+    def _sample(self, before: float, after: float, seconds: int, micros: int) -> None:
+        rtt = after - before
+        if rtt > MAX_RTT:
+            return
+        offset = (int(seconds) + int(micros) / 1e6 - (before + after) / 2) * 1000
+        self._samples.append((rtt, offset))
+        self.offset_ms = min(self._samples)[1]
+        if abs(self.offset_ms) >= WARN_OFFSET_MS and (
+                self._warned_at is None
+                or abs(self.offset_ms - self._warned_at) >= WARN_OFFSET_MS):
+            self._warned_at = self.offset_ms
+            log.warning("this host's clock differs from Redis's; the hub uses Redis's time",
+                        extra={"offset_ms": round(self.offset_ms)})
+
+
+#: This process's clock (each process measures its own: a prefork child after its fork).
+CLOCK = Clock()
+
+
+def now_ms() -> int:
+    return CLOCK.now_ms()
+
+
+def now() -> float:
+    return CLOCK.now()
+
+
+#: How often a long-running process without a heartbeat of its own measures again.
+MEASURE_EVERY = 30.0
+
+
+async def keep_measured(client: Any, every: float = MEASURE_EVERY) -> None:
+    """Measure now and every ``every`` seconds, for as long as the task runs."""
+    while True:
+        with contextlib.suppress(Exception):  # Redis away: keep the last offset
+            await CLOCK.ameasure(client)
+        await asyncio.sleep(every)
+
+
+def measuring(client: Any) -> Callable[[Any], AsyncIterator[None]]:
+    """An aiohttp ``cleanup_ctx`` entry running ``keep_measured`` while the app serves."""
+    async def ctx(app: Any) -> AsyncIterator[None]:
+        task = asyncio.create_task(keep_measured(client))
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    return ctx

@@ -87,6 +87,16 @@ class CircuitBreaker(_Strict, frozen=True):
     max_cool_down: Duration = Duration(600)
 
 
+class Ordering(_Strict, frozen=True):
+    """Per subscriber and key, events are posted in the order the ingress accepted them."""
+
+    #: ``order``: each Ingram order number of the event; ``topic``: the event's topic.
+    by: Literal["order", "topic"]
+    #: When the key's first event is dead-lettered: ``skip`` lets the next one go; ``block``
+    #: holds the key until an operator replays or purges that dead letter.
+    on_dead: Literal["skip", "block"] = "skip"
+
+
 class DeliveryDefaults(_Strict, frozen=True):
     timeout: Duration = Duration(10)
     max_attempts: int = 8
@@ -96,6 +106,8 @@ class DeliveryDefaults(_Strict, frozen=True):
     disable_after: Duration = Duration(5 * 86400)
     #: Most attempts started per second, all workers together; None = no limit.
     rate_limit: Rate | None = None
+    #: Ordered delivery for every subscriber that does not say otherwise; None = off.
+    ordering: Ordering | None = None
 
 
 class SentinelSettings(_Strict, frozen=True):
@@ -191,6 +203,8 @@ class SubscriberSpec(_Strict, frozen=True):
     circuit_breaker: CircuitBreaker | None = None
     disable_after: Duration | None = None
     rate_limit: Rate | None = None
+    #: ``false`` (or ``off``) turns off an ordering set under ``delivery:`` for this one.
+    ordering: Ordering | bool | None = None
 
 
 class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
@@ -209,6 +223,7 @@ class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
     circuit_breaker: CircuitBreaker = msgspec.field(default_factory=CircuitBreaker)
     disable_after: float = 0.0
     rate_limit: float | None = None
+    ordering: Ordering | None = None
 
 
 class _RawConfig(_Strict, frozen=True):
@@ -416,7 +431,12 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
             disable_after=(spec.disable_after if spec.disable_after is not None
                            else d.disable_after),
             rate_limit=spec.rate_limit if spec.rate_limit is not None else d.rate_limit,
+            ordering=(spec.ordering if isinstance(spec.ordering, Ordering)
+                      else None if spec.ordering is False else d.ordering),
         )
+        if spec.ordering is True:
+            raise fail(f"{where}.ordering", "expected {by: order} or {by: topic} (with on_dead: "
+                       "skip or block), or false to turn it off")
         _check_delivery(sub.timeout, sub.max_attempts, sub.backoff, where, fail)
         _check_health(sub.circuit_breaker, sub.disable_after, sub.rate_limit, where, fail)
         horizon = retry_horizon(sub)

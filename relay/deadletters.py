@@ -19,6 +19,7 @@ from relay.config import Config
 from relay.connections import as_bytes, text
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter
+from relay.ordering import FUNCTIONS, event_keys
 from relay.queue import deliver_message
 
 _decode_letter = msgspec.msgpack.Decoder(DeadLetter).decode
@@ -27,29 +28,55 @@ _encode = msgspec.msgpack.Encoder().encode
 
 # KEYS: letter, dead index, event, deliveries, queue, unclaimed, pending.
 # ARGV: event id, subscriber, event record copy ('' if none), retention s, message,
-# redeliver-at ms, now ms. Returns 1 replayed, 0 letter gone, -1 no event body to deliver.
+# redeliver-at ms, now ms, key prefix, the event's ordering keys for the subscriber now
+# (``\n``-joined; '' when it is not ordered). Returns 1 replayed, 0 letter gone, -1 no event
+# body to deliver.
 # One atomic step: the letter disappears exactly when its event record is restored and a
 # fresh first attempt is queued (and noted in unclaimed, like every queued message), so a
 # crash can neither lose nor double it. The attempt log stays: the history of what failed.
-REPLAY = Script("""
+# Ordered (relay/ordering.py): a letter that blocks its keys goes first again; any other
+# joins the end of its keys' lists, and waits there unless it is first.
+REPLAY = Script(FUNCTIONS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[3] ~= '' then
   redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4], 'NX')
 elseif redis.call('EXISTS', KEYS[3]) == 0 then
   return -1
 end
+local p, id, sub, now = ARGV[8], ARGV[1], ARGV[2], ARGV[7]
+local go = true
+if ord_queued(p, sub, id) then
+  ord_unblock(p, sub, id, now)
+elseif ARGV[9] ~= '' then
+  local keys = {}
+  for key in string.gmatch(ARGV[9], '[^\n]+') do keys[#keys + 1] = key end
+  if ord_join(p, sub, id, keys, now) == false then
+    go = false
+    redis.call('HSET', KEYS[4], sub, 'w' .. now)
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
+end
 redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[2])
-redis.call('LPUSH', KEYS[5], ARGV[5])
-redis.call('ZADD', KEYS[6], ARGV[6], ARGV[5])
-redis.call('ZADD', KEYS[7], 'NX', ARGV[7], ARGV[1])
+redis.call('ZREM', KEYS[2], id)
+if go then
+  redis.call('HDEL', KEYS[4], sub)
+  redis.call('LPUSH', KEYS[5], ARGV[5])
+  redis.call('ZADD', KEYS[6], ARGV[6], ARGV[5])
+end
+redis.call('ZADD', KEYS[7], 'NX', now, id)
 return 1
 """)
 
-PURGE = Script("""
-redis.call('ZREM', KEYS[2], ARGV[1])
-return redis.call('DEL', KEYS[1])
+# KEYS: letter, dead index. ARGV: event id, subscriber, key prefix, now ms, retention s.
+# A letter that blocks its ordered keys leaves them with it: the next event goes.
+PURGE = Script(FUNCTIONS + """
+local p, id, sub = ARGV[3], ARGV[1], ARGV[2]
+redis.call('ZREM', KEYS[2], id)
+local deleted = redis.call('DEL', KEYS[1])
+if deleted == 1 and ord_queued(p, sub, id) then
+  ord_advance(p, sub, id, ARGV[4], ARGV[5], {})
+end
+return deleted
 """)
 
 
@@ -171,9 +198,13 @@ class DeadLetters:
         now = clock.now()
         keys = [k.letter(name, event_id), k.dead(name), k.event(event_id),
                 k.deliveries(event_id), k.queue, k.unclaimed, k.pending(name)]
+        sub = config.subscriber(name)
+        ordered = (event_keys(sub.ordering, letter.event)
+                   if sub is not None and sub.ordering is not None and letter.event else ())
         args: list[Any] = [event_id, name, _encode(letter.event) if letter.event else b"",
                            max(1, int(config.redis.retention)), message,
-                           int((now + config.worker.visibility_timeout) * 1000), int(now * 1000)]
+                           int((now + config.worker.visibility_timeout) * 1000), int(now * 1000),
+                           k.prefix, "\n".join(ordered)]
         return int(await self._r.eval(REPLAY.text, len(keys), *keys, *args))
 
     async def purge(self, filters: Filters, dry_run: bool = False) -> dict[str, int]:
@@ -182,7 +213,10 @@ class DeadLetters:
         result = {"matched": len(index), "deleted": 0}
         if dry_run:
             return result
+        retention = max(1, int(self._config.redis.retention))
         for _, name, event_id in index:
             keys = [self._k.letter(name, event_id), self._k.dead(name)]
-            result["deleted"] += int(await self._r.eval(PURGE.text, 2, *keys, event_id))
+            result["deleted"] += int(await self._r.eval(
+                PURGE.text, 2, *keys, event_id, name, self._k.prefix, clock.now_ms(),
+                retention))
         return result

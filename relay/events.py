@@ -21,6 +21,7 @@ from relay.connections import as_bytes, text
 from relay.health import public_state
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
+from relay.ordering import FUNCTIONS, event_keys
 from relay.queue import deliver_message
 from relay.routing import Router
 from relay.timefmt import iso
@@ -33,21 +34,39 @@ _decode_letter = msgspec.msgpack.Decoder(DeadLetter).decode
 _json = msgspec.json.Decoder()
 
 # KEYS: deliveries, queue, unclaimed, then per subscriber: letter, dead index, pending.
-# ARGV: event id, message, redeliver-at ms, now ms, then the subscribers.
+# ARGV: event id, redeliver-at ms, now ms, key prefix, retention s, then per subscriber: its
+# name, its message (a fresh first attempt), its ordering keys ('\n'-joined; '' if none).
 # Sending again means: forget that it was delivered (or dead), queue one fresh first attempt
-# for those subscribers, noted in unclaimed like every queued message.
-RESEND = Script("""
-local n = #ARGV - 4
-for i = 1, n do
-  local sub = ARGV[4 + i]
-  redis.call('HDEL', KEYS[1], sub)
-  redis.call('DEL', KEYS[3 + (i - 1) * 3 + 1])
-  redis.call('ZREM', KEYS[3 + (i - 1) * 3 + 2], ARGV[1])
-  redis.call('ZADD', KEYS[3 + (i - 1) * 3 + 3], 'NX', ARGV[4], ARGV[1])
+# for those subscribers, noted in unclaimed like every queued message. An ordered subscriber's
+# resend joins the end of its keys' lists (relay/ordering.py) and waits there unless first;
+# one still queued there is left as it is (it is on its way). Returns how many were queued.
+RESEND = Script(FUNCTIONS + """
+local id, p, now, ret = ARGV[1], ARGV[4], ARGV[3], ARGV[5]
+local queued = 0
+for i = 0, (#ARGV - 5) / 3 - 1 do
+  local sub, message, okeys = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+  if not ord_queued(p, sub, id) then
+    redis.call('DEL', KEYS[3 + i * 3 + 1])
+    redis.call('ZREM', KEYS[3 + i * 3 + 2], id)
+    redis.call('ZADD', KEYS[3 + i * 3 + 3], 'NX', now, id)
+    local go = true
+    if okeys ~= '' then
+      local keys = {}
+      for key in string.gmatch(okeys, '[^\n]+') do keys[#keys + 1] = key end
+      go = ord_join(p, sub, id, keys, now)
+    end
+    if go then
+      redis.call('HDEL', KEYS[1], sub)
+      redis.call('LPUSH', KEYS[2], message)
+      redis.call('ZADD', KEYS[3], ARGV[2], message)
+    else
+      redis.call('HSET', KEYS[1], sub, 'w' .. now)
+      redis.call('EXPIRE', KEYS[1], ret)
+    end
+    queued = queued + 1
+  end
 end
-redis.call('LPUSH', KEYS[2], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
-return n
+return queued
 """)
 
 
@@ -143,14 +162,17 @@ class Events:
             names = [s.name for s in self._router.route(_decode_event(as_bytes(raw)))]
         if not names:
             return 0
-        message = deliver_message(k.queue, event_id, names, 1)
+        event = _decode_event(as_bytes(raw))
         now = clock.now()
         keys = [k.deliveries(event_id), k.queue, k.unclaimed]
+        args: list[Any] = [event_id, int((now + self._config.worker.visibility_timeout) * 1000),
+                           int(now * 1000), k.prefix, max(1, int(self._config.redis.retention))]
         for name in names:
             keys += [k.letter(name, event_id), k.dead(name), k.pending(name)]
-        args: list[Any] = [
-            event_id, message, int((now + self._config.worker.visibility_timeout) * 1000),
-                int(now * 1000), *names]
+            sub = self._config.subscriber(name)
+            ordered = (event_keys(sub.ordering, event)
+                       if sub is not None and sub.ordering is not None else ())
+            args += [name, deliver_message(k.queue, event_id, [name], 1), "\n".join(ordered)]
         return int(await self._r.eval(RESEND.text, len(keys), *keys, *args))
 
     # -- many events -------------------------------------------------------------------------

@@ -14,7 +14,10 @@ seen:{id}                  string  dedupe marker: the token of the batch that st
                                    expires after ``ingress.dedupe_window``
 event:{id}                 string  msgpack StoredEvent (the exact bytes received)
 deliveries:{id}            hash    subscriber -> ``d<ms>`` delivered, ``r<ms>`` retry due,
-                                   ``x<ms>`` dead-lettered (the per-event delivery record)
+                                   ``h<ms>`` held, ``x<ms>`` dead-lettered; for an ordered
+                                   subscriber ``o<ms>`` first in line when accepted, ``w<ms>``
+                                   waiting behind another event, ``q<ms>`` released to a lane
+                                   (the per-event delivery record)
 log:{id}:{sub}             list    msgpack Attempt records, newest first, bounded
 letter:{sub}:{id}          string  msgpack DeadLetter (reason, time, the event)
 =========================  ======  ==========================================================
@@ -49,6 +52,24 @@ backlog_since              string  ms since when the queue has not been empty
 dupmark                    string  written by a store that found only duplicates, so its
                                    WAIT covers them (relay/ingress/store.py); expires in 60 s
 alerts                     zset    alert job -> due ms; alert:{type}:{sub} rate-limits them
+=========================  ======  ==========================================================
+
+Ordered delivery (``ordering:``; relay/ordering.py). A *key* is ``o:{order number}`` or
+``t:{topic}``; an (event, subscriber) is *queued* from acceptance until it is delivered,
+dead-lettered (and not blocking) or released by turning ordering off:
+
+=========================  ======  ==========================================================
+ordq:{sub}:{key}           list    event ids of the key in acceptance order; the first is the
+                                   head, the one that may be posted; deleted when empty
+ordkeys:{id}               hash    subscriber -> the keys (``\n``-joined) the event is queued
+                                   under; the field goes when the event leaves its queues
+ordheld:{sub}              zset    key -> ms since its head holds others back (waiting events,
+                                   or blocked)
+ordblocked:{sub}           zset    key -> ms its head was dead-lettered under on_dead: block
+ordready:{sub}             zset    event id -> ms released (first on every key now): lanes of
+                                   the subscriber pull it like a parked attempt
+ordsubs                    set     subscribers that have (or had) ordering state
+ordwaiting                 hash    subscriber -> events waiting behind another
 =========================  ======  ==========================================================
 """
 
@@ -158,6 +179,31 @@ class Keys:
 
     def alert_folded(self, kind: str, subscriber: str) -> str:
         return f"{self.prefix}alertfold:{kind}:{subscriber}"
+
+    # -- ordered delivery (relay/ordering.py) ----------------------------------------------
+
+    def order_queue(self, subscriber: str, key: str) -> str:
+        return f"{self.prefix}ordq:{subscriber}:{key}"
+
+    def order_keys(self, event_id: str) -> str:
+        return f"{self.prefix}ordkeys:{event_id}"
+
+    def order_holding(self, subscriber: str) -> str:
+        return f"{self.prefix}ordheld:{subscriber}"
+
+    def order_blocked(self, subscriber: str) -> str:
+        return f"{self.prefix}ordblocked:{subscriber}"
+
+    def order_ready(self, subscriber: str) -> str:
+        return f"{self.prefix}ordready:{subscriber}"
+
+    @property
+    def ordered_subscribers(self) -> str:
+        return f"{self.prefix}ordsubs"
+
+    @property
+    def order_waiting(self) -> str:
+        return f"{self.prefix}ordwaiting"
 
     @property
     def backlog_since(self) -> str:

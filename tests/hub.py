@@ -383,9 +383,11 @@ def order_event(event_id: str, event_type: str, orders: tuple[str, ...] = ("20-X
     })
 
 
-def enqueue_events(client: Any, bodies: list[bytes], prefix: str = "relay:") -> list[str]:
+def enqueue_events(client: Any, bodies: list[bytes], prefix: str = "relay:",
+                   config: Config | None = None) -> list[str]:
     """``enqueue_event`` for many at once: stored together in batches (one fan-out task each),
-    as the ingress stores concurrent requests."""
+    as the ingress stores concurrent requests (in this order). With ``config``, ordered
+    subscribers' queues are joined as the ingress would."""
     import redis.asyncio as aioredis
 
     from relay.ingress.store import EventStore
@@ -406,6 +408,10 @@ def enqueue_events(client: Any, bodies: list[bytes], prefix: str = "relay:") -> 
                                  port=params.get("port", 6379), db=params.get("db", 0))
         try:
             store = EventStore(aclient, Keys(prefix=prefix), 86400, 86400)
+            if config is not None:
+                from relay.ordering import Sequencer
+
+                store.sequencer = Sequencer(config.subscribers)
             return list(await asyncio.gather(*(store.accept(r) for r in records)))
         finally:
             await aclient.aclose()

@@ -182,10 +182,13 @@ class MainProcessStep(bootsteps.StartStopStep):
         if getattr(worker.app, "relay_scheduler", True):
             self.scheduler = Scheduler(client, keys,
                                        redeliver_after=config.worker.visibility_timeout,
-                                       stats_ttl=config.redis.retention)
+                                       stats_ttl=config.redis.retention,
+                                       retention=config.redis.retention)
             self.scheduler.start()
             log.info("scheduler started")
-        self.heartbeat = Heartbeat(client, keys, [s.name for s in config.subscribers])
+        self.heartbeat = Heartbeat(client, keys, [s.name for s in config.subscribers],
+                                   [s.name for s in config.subscribers if s.ordering],
+                                   config.redis.retention)
         self.heartbeat.start()
         reloader = Reloader(config, self._apply, "worker")
 
@@ -200,6 +203,7 @@ class MainProcessStep(bootsteps.StartStopStep):
         _live["config"] = config
         if self.heartbeat is not None:
             self.heartbeat.subscribers = [s.name for s in config.subscribers]
+            self.heartbeat.ordered = [s.name for s in config.subscribers if s.ordering]
             self.heartbeat.beat()  # note new subscribers as known at once
         engine = current_engine()  # solo and threads pools deliver in this process
         if engine is not None:

@@ -46,7 +46,7 @@ from workers.backoff import retry_delay
 from workers.gate import GO, Gate
 from workers.lanes import Lane, Lanes
 from workers.leases import LeaseKeeper
-from workers.ledger import LeasePlan, Ledger, Loaded, now_ms
+from workers.ledger import LeasePlan, Ledger, Loaded, Recorded, now_ms
 
 log = logging.getLogger("relay.worker")
 T = TypeVar("T")
@@ -73,6 +73,16 @@ PULL_SECONDS = 1.0
 #: Subscriber name of a dead letter for an event whose record expired before any subscriber
 #: was chosen for it (its fan-out found nothing to route).
 ANY = "*"
+
+
+#: Dead letters that never block an ordered key: the event is gone, or the subscriber is.
+NEVER_BLOCKS = ("event expired", "subscriber removed")
+
+
+def _blocks(sub: Subscriber | str, reason: str) -> bool:
+    """Does this dead letter keep its ordered keys waiting (``on_dead: block``)?"""
+    return (not isinstance(sub, str) and sub.ordering is not None
+            and sub.ordering.on_dead == "block" and reason not in NEVER_BLOCKS)
 
 
 class _Plan:
@@ -281,11 +291,11 @@ class Engine:
         letter)."""
         try:
             for event_id, target, reason, event, member in plan.dead:
-                transitions = await self.ledger.dead_letter(event_id, target, reason, event,
-                                                            member)
+                recorded = await self.ledger.dead_letter(
+                    event_id, target, reason, event, member, block=_blocks(target, reason))
                 self._said_dead(event_id, target, reason)
-                await self._alert(transitions, target if isinstance(target, str)
-                                  else target.name, f"{event_id}: {reason}")
+                await self._recorded(recorded, target if isinstance(target, str)
+                                     else target.name, f"{event_id}: {reason}")
             await self.ledger.lease(plan.redis, taken)
         except BaseException:
             for _, sub, _, _ in plan.launch:
@@ -328,10 +338,13 @@ class Engine:
         if batch is not None and item.seen is not None and item.seen != batch:
             return  # a duplicate in this batch: the batch that stored it fans it out
         if names is None:
-            targets, missing = self.router.route(event), []
+            targets, missing = self._fan_out(event, item)
         else:
-            targets = [self.subscribers[n] for n in names if n in self.subscribers]
-            missing = [n for n in names if n not in self.subscribers and n not in item.done]
+            # A waiting ordered event is never posted by a message (a stale lease of an
+            # earlier run): the event ahead of it releases it (relay/ordering.py).
+            named = [n for n in names if item.marks.get(n) != "w"]
+            targets = [self.subscribers[n] for n in named if n in self.subscribers]
+            missing = [n for n in named if n not in self.subscribers and n not in item.done]
         for name in missing:
             if unknown.get(name):  # another live worker knows it: leave it to them
                 message = deliver_message(self.keys.queue, event_id, [name], attempt)
@@ -372,6 +385,25 @@ class Engine:
                 plan.launch.append((event, sub, attempt, own_lease))
                 lane.held += 1
 
+    def _fan_out(self, event: StoredEvent, item: Loaded) -> tuple[list[Subscriber], list[str]]:
+        """The subscribers an event's first fan-out posts to now, and the names it was queued
+        for that are no longer configured here. The ingress decided, at acceptance, which
+        ordered subscribers get it: ``o`` marks one to post now, ``w``/``q`` one that waits
+        or was released already (its turn comes from the event ahead: never from here)."""
+        if not item.marks:
+            return self.router.route(event), []
+        targets = [s for s in self.router.route(event) if s.name not in item.marks]
+        missing = []
+        for name, mark in item.marks.items():
+            if mark != "o" or name in item.done:
+                continue
+            sub = self.subscribers.get(name)
+            if sub is None:
+                missing.append(name)
+            else:
+                targets.append(sub)
+        return targets, missing
+
     async def _pull(self, name: str) -> None:
         """Take parked attempts of ``name`` into its lane while it has room for them."""
         lane, sub = self.lanes[name], self.subscribers.get(name)
@@ -379,6 +411,13 @@ class Engine:
             return
         lane.pulling = True
         try:
+            # Released ordered events first: each is the head of a key others wait behind.
+            while lane.ready and (room := lane.hold - lane.held) > 0:
+                ids = await self.ledger.ready(name, room)
+                if len(ids) < room:
+                    lane.ready = False
+                if ids:
+                    await self._launch_ready(sub, ids)
             while lane.parked and (room := lane.hold - lane.held) > 0:
                 parkings = lane.parkings
                 members = await self.ledger.pull(name, room,
@@ -393,10 +432,25 @@ class Engine:
         finally:
             lane.pulling = False
 
-    async def _launch_pulled(self, sub: Subscriber, members: list[bytes]) -> None:
+    async def _launch_ready(self, sub: Subscriber, ids: list[str]) -> None:
+        """Claim released ordered events (each becomes its own lease: its first attempt) and
+        launch them; another process may have claimed some first."""
+        members = {event_id: deliver_message(self.keys.queue, event_id, [sub.name], 1)
+                   for event_id in ids}
+        claimed, loaded = await self.ledger.claim_ready(
+            sub.name, members, now_ms() + self.leases.lease_ms(sub))
+        if claimed:
+            taken = set(claimed)
+            mine = [(m, item) for m, item in zip(members.values(), loaded, strict=True)
+                    if m in taken]
+            await self._launch_pulled(sub, [m for m, _ in mine], [item for _, item in mine])
+
+    async def _launch_pulled(self, sub: Subscriber, members: list[bytes],
+                             loaded: list[Loaded] | None = None) -> None:
         taken = [(m, read_deliver_message(m)) for m in members]
         ids = [str(args.event_id) for _, args in taken]
-        loaded = await self.ledger.load(ids)
+        if loaded is None:
+            loaded = await self.ledger.load(ids)
         plan, now = _Plan(), now_ms()
         for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
             try:
@@ -419,10 +473,14 @@ class Engine:
             if not names:
                 continue
             try:
-                counts = await self.ledger.run([("ZCARD", self.keys.parked(n)) for n in names])
-                for name, count in zip(names, counts, strict=True):
-                    if count:
-                        self.lanes[name].parked = True
+                counts = await self.ledger.run(
+                    [("ZCARD", key) for n in names
+                     for key in (self.keys.parked(n), self.keys.order_ready(n))])
+                for i, name in enumerate(names):
+                    parked, ready = counts[2 * i], counts[2 * i + 1]
+                    if parked or ready:
+                        self.lanes[name].parked |= bool(parked)
+                        self.lanes[name].ready |= bool(ready)
                         await self._pull(name)
             except (RedisError, OSError) as exc:
                 log.warning("could not pull parked attempts; retrying",
@@ -481,8 +539,8 @@ class Engine:
             log.error("delivery task failed", exc_info=task.exception())
         if lane.waiting and lane.open < lane.width:
             self._open(lane, *lane.waiting.popleft())
-        if (lane.parked and not lane.pulling and len(lane.waiting) <= lane.width // 2
-                and lane.name in self.subscribers):
+        if ((lane.parked or lane.ready) and not lane.pulling
+                and len(lane.waiting) <= lane.width // 2 and lane.name in self.subscribers):
             # Refill from the parked attempts before the lane runs dry, in one go: a pull is
             # three round trips whatever it takes, so not one per finished post.
             self._background_pull(lane.name)
@@ -510,16 +568,16 @@ class Engine:
                    "status": outcome.status, "error": outcome.error,
                    "latency_ms": outcome.latency_ms}
         if outcome.ok:
-            transitions = await self._persist(
+            recorded = await self._persist(
                 lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
             if log.isEnabledFor(logging.INFO):
                 log.info("delivered", extra=context)
         elif outcome.gone or (attempt >= sub.max_attempts and not verdict.probe):
             reason = ("410 Gone" if outcome.gone
                       else f"{attempt} attempt{'s' if attempt != 1 else ''} failed")
-            transitions = await self._persist(
+            recorded = await self._persist(
                 lambda: self.ledger.dead_letter(event.event_id, sub, reason, event, lease,
-                                                record))
+                                                record, block=_blocks(sub, reason)))
             log.warning("dead-lettered", extra={**context, "reason": reason})
         else:
             delay = retry_delay(sub.backoff, attempt, outcome.retry_after)
@@ -527,17 +585,29 @@ class Engine:
             # A failed probe does not use up an attempt: the same attempt waits for the next.
             n = attempt if verdict.probe else attempt + 1
             nxt = deliver_message(self.keys.queue, event.event_id, [sub.name], n)
-            transitions = await self._persist(
+            recorded = await self._persist(
                 lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due))
             log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3),
                                                "probe": verdict.probe})
-        self.gate.learn(sub, outcome.ok, transitions or [])
-        await self._alert(transitions, sub.name, f"{event.event_id}: {record.describe()}")
+        self.gate.learn(sub, outcome.ok, recorded.transitions if recorded else [])
+        await self._recorded(recorded, sub.name, f"{event.event_id}: {record.describe()}")
 
     def _said_dead(self, event_id: str, sub: Subscriber | str, reason: str) -> None:
         log.warning("dead-lettered", extra={"eventId": event_id,
                                             "subscriber": sub if isinstance(sub, str)
                                             else sub.name, "reason": reason})
+
+    async def _recorded(self, recorded: Recorded | None, name: str, detail: str) -> None:
+        """After an outcome: start the ordered events it released (at once, in this process,
+        if the lane has room: the next event of an order follows its predecessor's 2xx by
+        two round trips), then say and alert what changed."""
+        if recorded is None:
+            return
+        if recorded.released and name in self.lanes:
+            self.lanes[name].ready = True
+            if not self.lanes[name].pulling:
+                self._background_pull(name)
+        await self._alert(recorded.transitions, name, detail)
 
     async def _alert(self, transitions: list[str] | None, name: str, detail: str) -> None:
         for transition in transitions or []:

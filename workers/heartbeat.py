@@ -10,7 +10,10 @@ Every ``INTERVAL`` seconds the worker's main process:
   its held attempts and scheduled retries are made due at once, and the engine dead-letters
   each with reason ``subscriber removed`` as it comes. Never dropped, and never wrongly: while
   any worker still has it configured (a rolling deploy, a reload that has not reached every
-  machine), its attempts wait for that worker instead.
+  machine), its attempts wait for that worker instead. A removed subscriber's ordered events
+  still waiting behind others (relay/ordering.py) are released and made due the same way;
+* dissolves the queues of a subscriber whose ordering was turned off: every event waiting in
+  them is released to a lane (``ordready:{sub}``), in any order.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from pathlib import Path
 import redis
 from redis.exceptions import RedisError
 
-from relay import clock
+from relay import clock, ordering
 from relay.connections import text
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
-from relay.queue import read_deliver_message
+from relay.queue import deliver_message, read_deliver_message
 
 log = logging.getLogger("relay.worker")
 
@@ -40,6 +43,18 @@ FORGET_WORKERS_MS = 3_600_000
 HEARTBEAT_FILE_ENV = "RELAY_WORKER_HEARTBEAT"
 
 RELEASE = RELEASE_HELD_FN + "return release_held(KEYS[1], KEYS[2], ARGV[1])"
+# ARGV: ordready key, schedule key, now ms, then (event id, message) pairs: each id still
+# ready becomes its message, due now (one step: never in neither).
+MOVE_READY = """
+local n = 0
+for i = 4, #ARGV, 2 do
+  if redis.call('ZREM', ARGV[1], ARGV[i]) == 1 then
+    redis.call('ZADD', ARGV[2], ARGV[3], ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
 
 
 def worker_id() -> str:
@@ -47,15 +62,20 @@ def worker_id() -> str:
 
 
 class Heartbeat:
-    def __init__(self, client: redis.Redis, keys: Keys, subscribers: list[str]) -> None:
+    def __init__(self, client: redis.Redis, keys: Keys, subscribers: list[str],
+                 ordered: list[str] | None = None, retention: float = 14 * 86400) -> None:
         self._client = client
         self._keys = keys
         self.subscribers = subscribers
+        #: Of ``subscribers``, those with ordering on in this process's config.
+        self.ordered = ordered or []
+        self.retention = retention
         self._id = worker_id()
         self._file = os.environ.get(HEARTBEAT_FILE_ENV)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._release = client.register_script(RELEASE)
+        self._move_ready = client.register_script(MOVE_READY)
 
     def beat(self) -> None:
         # This process's scheduler and heartbeat compare times other hosts wrote: keep the
@@ -71,6 +91,18 @@ class Heartbeat:
         if self._file:
             Path(self._file).touch()
         self.sweep_removed(now)
+        self.dissolve_unordered(now)
+
+    def dissolve_unordered(self, now: int) -> list[str]:
+        """Release what waits in the queues of subscribers configured here without ordering
+        (turned off by a reload or a restart). Removed subscribers are sweep_removed's."""
+        had = {text(n) for n in self._client.smembers(self._keys.ordered_subscribers)}
+        off = sorted(n for n in had if n in self.subscribers and n not in self.ordered)
+        for name in off:
+            released = ordering.release_all(self._client, self._keys, name, now, self.retention)
+            log.info("ordering turned off: waiting events released",
+                     extra={"subscriber": name, "released": released})
+        return off
 
     def sweep_removed(self, now: int) -> list[str]:
         """Make the pending attempts of subscribers no live worker has configured due now."""
@@ -83,6 +115,8 @@ class Heartbeat:
         gone = set(removed)
         released = 0
         for name in removed:
+            ordering.release_all(self._client, self._keys, name, now, self.retention)
+            released += self._ready_to_schedule(name, now)
             for waiting in (self._keys.held(name), self._keys.parked(name)):
                 released += int(self._release(keys=[waiting, self._keys.schedule], args=[now]))
         for member, _ in self._client.zscan_iter(self._keys.schedule):
@@ -98,6 +132,18 @@ class Heartbeat:
                     "are dead-lettered as they come due", extra={"subscribers": removed,
                                                                 "attempts": released})
         return removed
+
+    def _ready_to_schedule(self, name: str, now: int) -> int:
+        """Released ordered events of a removed subscriber: due now in the schedule (one
+        message each), where the engine dead-letters them as "subscriber removed"."""
+        moved = 0
+        ready = self._keys.order_ready(name)
+        while ids := [text(i) for i in self._client.zrange(ready, 0, 499)]:
+            members = [deliver_message(self._keys.queue, i, [name], 1) for i in ids]
+            moved += int(self._move_ready(args=[ready, self._keys.schedule, now,
+                                                *[x for pair in zip(ids, members, strict=True)
+                                                  for x in pair]]))
+        return moved
 
     def run(self) -> None:
         failing = False

@@ -38,6 +38,7 @@ class Lane:
         self.open = 0
         self.latency = INITIAL_LATENCY  # recent post latency (s), moving average
         self.parked = False     # attempts of this subscriber are (or may be) parked in Redis
+        self.ready = False      # released ordered events may wait in ``ordready:{sub}``
         self.pulling = False    # a pull of parked attempts is in flight
         self.parkings = 0       # plans that parked attempts, written so far (see Engine._pull)
         self.waiting: deque[Any] = deque()
@@ -73,6 +74,9 @@ class Lanes:
 
     def __getitem__(self, name: str) -> Lane:
         return self._lanes[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._lanes
 
     def busy(self) -> list[str]:
         """Subscribers holding attempts in this process."""

@@ -35,11 +35,12 @@ from relay.counters import STATS_TTL, latency_bucket
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
+from relay.ordering import FUNCTIONS
 
 #: Attempt records kept per (event, subscriber); older ones are trimmed.
 LOG_LENGTH = 50
 
-OUTCOME = Script(RELEASE_HELD_FN + """
+OUTCOME = Script(RELEASE_HELD_FN + FUNCTIONS + """
 -- The key names are built here from the prefix (as relay/keys.py builds them; a test checks
 -- they agree) rather than sent as KEYS: thirteen names per outcome were a tenth of a worker's
 -- CPU in redis-py's command packing at fan-out 10. (Fine on one Redis, not Redis Cluster.)
@@ -55,7 +56,7 @@ local KEYS = {p .. 'deliveries:' .. id, p .. 'log:' .. id .. ':' .. sub, p .. 's
               p .. 'health:' .. sub, p .. 'breakers', p .. 'held:' .. sub, p .. 'event:' .. id,
               p .. 'letter:' .. sub .. ':' .. id, p .. 'dead:' .. sub, p .. 'deadsubs'}
 local record, lease, ret = ARGV[5], ARGV[6], S[1]
-local transitions = {}
+local transitions, released = {}, {}
 local function count(field, n)
   redis.call('HINCRBY', KEYS[4], sub .. '|' .. field, n)
   redis.call('HINCRBY', KEYS[5], sub .. '|' .. field, n)
@@ -124,6 +125,8 @@ if mode == 'ok' then
   redis.call('EXPIRE', KEYS[1], ret)
   redis.call('ZREM', KEYS[3], lease)
   redis.call('ZREM', KEYS[6], id)
+  -- Ordered: the next event of each of its keys may go now (relay/ordering.py).
+  ord_advance(p, sub, id, now, ret, released)
 elseif mode == 'retry' then
   count('f', 1)
   local next, due = ARGV[12], ARGV[13]
@@ -154,9 +157,16 @@ else  -- dead
   if lease ~= '' then redis.call('ZREM', KEYS[3], lease) end
   redis.call('ZREM', KEYS[6], id)
   transitions[#transitions + 1] = 'dead_lettered'
+  -- Ordered: ARGV[16] '1' (on_dead: block, and a reason that blocks) keeps it first on its
+  -- keys until an operator replays or purges it; otherwise the next event goes.
+  if ARGV[16] == '1' then
+    ord_block(p, sub, id, now)
+  else
+    ord_advance(p, sub, id, now, ret, released)
+  end
 end
 redis.call('EXPIRE', KEYS[4], S[3])
-return transitions
+return {transitions, released}
 """)
 
 # Whether the subscriber is held *now*, as ``health:{sub}`` says. A worker decides to hold an
@@ -180,6 +190,20 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   return 1
 end
 return 0
+""")
+
+# Released ordered events taken by a lane. ARGV: prefix, subscriber, lease due ms, then
+# (event id, its attempt-1 message) pairs. Returns the messages of those this call took.
+CLAIM = Script("""
+local p, sub, due = ARGV[1], ARGV[2], ARGV[3]
+local ready, taken = p .. 'ordready:' .. sub, {}
+for i = 4, #ARGV, 2 do
+  if redis.call('ZREM', ready, ARGV[i]) == 1 then
+    redis.call('ZADD', p .. 'schedule', due, ARGV[i + 1])
+    taken[#taken + 1] = ARGV[i + 1]
+  end
+end
+return taken
 """)
 
 # KEYS: parked, schedule. ARGV: most, lease due ms.
@@ -270,6 +294,15 @@ def _scored(members: dict[bytes, int]) -> list[Any]:
     return [x for member, score in members.items() for x in (score, member)]
 
 
+class Recorded(msgspec.Struct):
+    """What an outcome script changed beyond the outcome itself."""
+
+    #: health transitions (opened, recovered, disabled, dead_lettered)
+    transitions: list[str]
+    #: ordered events released by this one leaving its keys (now in ``ordready:{sub}``)
+    released: list[str]
+
+
 class LeasePlan(msgspec.Struct):
     """The Redis side of what a task decided (see LEASE)."""
 
@@ -300,6 +333,9 @@ class Loaded(msgspec.Struct, frozen=True):
     seen: str | None
     #: Why the record could not be read (a poisoned record), if it could not.
     error: str | None = None
+    #: Ordered subscribers' marks from the delivery record (relay/ordering.py): ``o`` first
+    #: in line when accepted (the fan-out posts it), ``w`` waiting, ``q`` released to a lane.
+    marks: dict[str, str] = {}
 
 
 class Ledger:
@@ -339,26 +375,35 @@ class Ledger:
 
     async def load(self, event_ids: list[str], with_seen: bool = False) -> list[Loaded]:
         """Each event's record, delivery record and (when asked) batch token, one round trip."""
-        step = 3 if with_seen else 2
+        results = await self.run(self._load_commands(event_ids, with_seen), task=True)
+        return self._loaded(results, with_seen)
+
+    def _load_commands(self, event_ids: list[str], with_seen: bool = False
+                       ) -> list[tuple[Any, ...]]:
         commands: list[tuple[Any, ...]] = []
         for event_id in event_ids:
             commands += [("GET", self._k.event(event_id)),
                          ("HGETALL", self._k.deliveries(event_id))]
             if with_seen:
                 commands.append(("GET", self._k.seen(event_id)))
-        results = await self.run(commands, task=True)
+        return commands
+
+    def _loaded(self, results: list[Any], with_seen: bool = False) -> list[Loaded]:
+        step = 3 if with_seen else 2
         loaded = []
         for i in range(0, len(results), step):
             raw, record = results[i], results[i + 1]
             seen = results[i + 2].decode() if with_seen and results[i + 2] else None
             done = frozenset(sub.decode() for sub, state in record.items()
                              if state[:1] == b"d")
+            marks = {sub.decode(): state[:1].decode() for sub, state in record.items()
+                     if state[:1] in b"owq"}
             try:
                 event = _decode_event(raw) if raw else None
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                loaded.append(Loaded(None, done, seen, f"unreadable record: {exc}"))
+                loaded.append(Loaded(None, done, seen, f"unreadable record: {exc}", marks))
                 continue
-            loaded.append(Loaded(event, done, seen))
+            loaded.append(Loaded(event, done, seen, None, marks))
         return loaded
 
     async def lease(self, plan: LeasePlan, taken: bytes | None) -> None:
@@ -393,6 +438,28 @@ class Ledger:
         return list(await self.script(PULL, (self._k.parked(sub), self._k.schedule),
                                       (most, lease_due)))
 
+    async def claim_ready(self, sub: str, members: dict[str, bytes], lease_due: int
+                          ) -> tuple[list[bytes], list[Loaded]]:
+        """Take released ordered events of ``sub`` (``{event id: its attempt-1 message}``)
+        from ``ordready:{sub}``; each becomes its own lease in the schedule (due
+        ``lease_due``) in the same step, so one claimed by a worker that dies is queued again.
+        The records are read in the same round trip. Returns the claimed members and every
+        asked event's record (the caller keeps those it claimed)."""
+        args: list[Any] = [self._k.prefix, sub, lease_due]
+        for event_id, member in members.items():
+            args += [event_id, member]
+        claimed, records = await self._tasks.script(CLAIM, (), args,
+                                                    then=self._load_commands(list(members)))
+        for result in (claimed, *records):
+            if isinstance(result, Exception):
+                raise result
+        return list(claimed), self._loaded(records)
+
+    async def ready(self, sub: str, most: int) -> list[str]:
+        """Up to ``most`` released ordered events of ``sub``, oldest first."""
+        (ids,) = await self.run([("ZRANGE", self._k.order_ready(sub), 0, most - 1)], task=True)
+        return [text(i) for i in ids]
+
     async def renew(self, leases: dict[bytes, int]) -> None:
         """Re-score held leases (``{message: due_ms}``); one already removed (its attempt
         ended) or moved to the queue stays so (``XX``)."""
@@ -403,20 +470,23 @@ class Ledger:
                           (lease, member, now_ms()))
 
     async def succeeded(self, event_id: str, sub: Subscriber, lease: bytes,
-                        record: Attempt) -> list[str]:
+                        record: Attempt) -> Recorded:
         return await self._outcome("ok", event_id, sub, lease, record)
 
     async def retry_at(self, event_id: str, sub: Subscriber, lease: bytes, record: Attempt,
-                       next_member: bytes, due_ms: int) -> list[str]:
+                       next_member: bytes, due_ms: int) -> Recorded:
         return await self._outcome("retry", event_id, sub, lease, record,
                                    next_member=next_member, due_ms=due_ms)
 
     async def dead_letter(self, event_id: str, sub: Subscriber | str, reason: str,
                           event: StoredEvent | None, lease: bytes | None = None,
-                          record: Attempt | None = None) -> list[str]:
+                          record: Attempt | None = None, block: bool = False) -> Recorded:
+        """``block``: an ordered subscriber's ``on_dead: block`` applies (the letter keeps its
+        keys waiting); otherwise the next event of its keys is released."""
         name = sub if isinstance(sub, str) else sub.name
         letter = DeadLetter(event_id, name, reason, now(), event)
-        return await self._outcome("dead", event_id, sub, lease, record, letter=_encode(letter))
+        return await self._outcome("dead", event_id, sub, lease, record, letter=_encode(letter),
+                                   block=block)
 
     def _settings(self, sub: Subscriber | str) -> str:
         """The outcome script's per-subscriber settings, one string (see OUTCOME)."""
@@ -438,13 +508,13 @@ class Ledger:
     async def _outcome(self, mode: str, event_id: str, sub: Subscriber | str,
                        lease: bytes | None, record: Attempt | None, *,
                        next_member: bytes = b"", due_ms: int = 0, letter: bytes = b"",
-                       ) -> list[str]:
+                       block: bool = False) -> Recorded:
         name = sub if isinstance(sub, str) else sub.name
         now = now_ms()
         args = (mode, now, name, event_id, _encode(record) if record else b"", lease or b"",
                 self._settings(sub), latency_bucket(record.latency_ms) if record else "",
                 record.latency_ms if record else 0, int(bool(record and record.probe)),
                 record.describe() if record else "", next_member, due_ms, letter,
-                now // 60_000)
-        transitions = await self.script(OUTCOME, (), args)
-        return [text(t) for t in transitions or []]
+                now // 60_000, int(block))
+        transitions, released = await self.script(OUTCOME, (), args)
+        return Recorded([text(t) for t in transitions], [text(r) for r in released])

@@ -24,14 +24,15 @@ from redis.exceptions import RedisError
 
 from relay import clock
 from relay.keys import Keys
+from relay.ordering import FUNCTIONS
 
 log = logging.getLogger("relay.scheduler")
 
-MOVE_DUE = """
+MOVE_DUE = FUNCTIONS + """
 -- KEYS: 1 schedule, 2 queue, 3 unclaimed, 4 kombu unacked, 5 breakers, 6 stats of this minute,
 --       7 the time the queue last became non-empty
 -- ARGV: 1 now ms, 2 batch, 3 redeliver-at ms, 4 searchable queue length, 5 key prefix,
---       6 redeliver after ms, 7 probe retry ms, 8 stats ttl s
+--       6 redeliver after ms, 7 probe retry ms, 8 stats ttl s, 9 retention s
 local now = tonumber(ARGV[1])
 local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
@@ -73,6 +74,20 @@ for _, sub in ipairs(redis.call('ZRANGE', KEYS[5], '-inf', ARGV[1], 'BYSCORE', '
     redis.call('ZREM', KEYS[5], sub)  -- nothing held: the next attempt due will probe
   end
 end
+-- Ordered keys blocked (on_dead: block) by a dead letter that has since expired (retention):
+-- nothing is left to replay or purge, so the key moves on as if it had been purged.
+local unblocked = 0
+local p, ret = ARGV[5], tonumber(ARGV[9])
+for _, sub in ipairs(redis.call('SMEMBERS', p .. 'ordsubs')) do
+  local stale = redis.call('ZRANGE', p .. 'ordblocked:' .. sub, '-inf', now - ret * 1000,
+                           'BYSCORE', 'LIMIT', 0, 20)
+  for _, key in ipairs(stale) do
+    local head = redis.call('LINDEX', ord_queue(p, sub, key), 0)
+    redis.call('ZREM', p .. 'ordblocked:' .. sub, key)
+    if head then ord_advance(p, sub, head, now, ret, {}) end
+    unblocked = unblocked + 1
+  end
+end
 -- The age of the oldest work no worker has taken: how long the queue has not been empty
 -- (an upper bound of its oldest message's age), or an overdue member of the schedule. Kept
 -- per minute for the console's chart and the backlog metric.
@@ -89,7 +104,7 @@ if age > tonumber(redis.call('HGET', KEYS[6], 'backlog') or 0) then
   redis.call('HSET', KEYS[6], 'backlog', age)
   redis.call('EXPIRE', KEYS[6], ARGV[8])
 end
-return {#due, lost, probes}
+return {#due, lost, probes, unblocked}
 """
 #: Longest queue searched for overdue notes (LPOS is O(length)); behind a longer backlog, a
 #: message lost in kombu's window is queued again once the backlog has drained to this.
@@ -106,12 +121,13 @@ class Scheduler:
 
     def __init__(self, client: redis.Redis, keys: Keys, interval: float = 0.2,
                  batch: int = 500, redeliver_after: float = 60.0,
-                 stats_ttl: float = 8 * 86400) -> None:
+                 stats_ttl: float = 8 * 86400, retention: float = 14 * 86400) -> None:
         self._client = client
         self._redeliver_ms = int(redeliver_after * 1000)
         self._keys = keys
         self._interval = interval
         self._stats_ttl = int(stats_ttl)
+        self._retention = max(1, int(retention))
         self._batch = batch
         self._move = client.register_script(MOVE_DUE)
         self._stop = threading.Event()
@@ -126,11 +142,14 @@ class Scheduler:
         """
         now = clock.now_ms() if now_ms is None else now_ms
         k = self._keys
-        due, lost, probes = self._move(
+        due, lost, probes, unblocked = self._move(
             keys=[k.schedule, k.queue, k.unclaimed, KOMBU_UNACKED, k.breakers,
                   k.stats(now // 60_000), k.backlog_since],
             args=[now, self._batch, now + self._redeliver_ms, SEARCHABLE_QUEUE, k.prefix,
-                  self._redeliver_ms, PROBE_RETRY_MS, self._stats_ttl])
+                  self._redeliver_ms, PROBE_RETRY_MS, self._stats_ttl, self._retention])
+        if unblocked:
+            log.warning("ordered keys unblocked: their dead letters expired",
+                        extra={"count": int(unblocked)})
         if lost:
             log.warning("queued again: messages no worker took", extra={"count": int(lost)})
         if probes:

@@ -27,6 +27,7 @@ from relay.ingress.store import EventStore, StoreUnavailable
 from relay.keys import Keys
 from relay.metrics import IngressMetrics
 from relay.models import StoredEvent, parse_envelope, peek_event_id
+from relay.ordering import Sequencer
 from relay.reload import Reloader
 from relay.serve import json_answer, json_errors, serve
 from relay.signatures import INGRAM_HEADER, IngramSigner
@@ -79,6 +80,7 @@ class WebhookHandler:
         self._read_timeout = config.ingress.read_timeout
         self._signer = IngramSigner(config.ingress.secrets)
         self._store.configure(config.ingress.dedupe_window, config.redis.retention)
+        self._store.sequencer = Sequencer(config.subscribers)
         self._store.set_linger(config.ingress.linger)
 
     async def __call__(self, request: web.Request) -> web.Response:

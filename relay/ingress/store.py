@@ -28,6 +28,7 @@ from relay.batching import Batcher, GroupCommit, Script
 from relay.counters import STATS_TTL
 from relay.keys import Keys
 from relay.models import StoredEvent
+from relay.ordering import FUNCTIONS, Sequencer
 from relay.queue import deliver_message
 
 log = logging.getLogger("relay.ingress.store")
@@ -43,19 +44,27 @@ ENOUGH = 32
 
 # KEYS: queue, unclaimed, events index, this minute's stats, totals.
 # ARGV: key prefix, dedupe s, retention s, batch token, message, redeliver-at ms, received ms,
-# stats ttl s, then per event: id, record, count of order numbers, the order numbers.
+# stats ttl s, then per event: id, record, count of order numbers, the order numbers, count
+# of ordered subscribers it goes to, and for each: name, count of keys, the keys.
 # Returns 1 (stored) or 0 (duplicate) per event.
+#
+# An event an ordered subscriber gets joins the end of its keys' lists here, in acceptance
+# order (relay/ordering.py): first on all of them, its delivery record says ``o`` and the
+# fan-out posts it; otherwise ``w``, and it waits for the event ahead of it.
 #
 # An event is a duplicate while the hub still holds anything of it: its dedupe marker, its
 # record or its delivery record. Past the dedupe window alone, a resend would otherwise be
 # answered 202 while the delivery record silently suppressed every delivery.
-STORE_SCRIPT = Script("""
+STORE_SCRIPT = Script(FUNCTIONS + """
 local p, stored, new = ARGV[1], {}, 0
 local i = 9
 while i <= #ARGV do
   local id, record, orders = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2])
-  if redis.call('EXISTS', p .. 'seen:' .. id, p .. 'event:' .. id, p .. 'deliveries:' .. id) == 0
-  then
+  local j = i + 3 + orders
+  local joins = tonumber(ARGV[j])
+  local fresh = redis.call('EXISTS', p .. 'seen:' .. id, p .. 'event:' .. id,
+                           p .. 'deliveries:' .. id) == 0
+  if fresh then
     redis.call('SET', p .. 'seen:' .. id, ARGV[4], 'EX', ARGV[2])
     redis.call('SET', p .. 'event:' .. id, record, 'EX', ARGV[3])
     redis.call('ZADD', KEYS[3], ARGV[7], id)
@@ -69,7 +78,20 @@ while i <= #ARGV do
   else
     stored[#stored + 1] = 0
   end
-  i = i + 3 + orders
+  j = j + 1
+  for _ = 1, joins do
+    local sub, n = ARGV[j], tonumber(ARGV[j + 1])
+    if fresh then
+      local keys = {}
+      for k = 1, n do keys[k] = ARGV[j + 1 + k] end
+      local d = p .. 'deliveries:' .. id
+      redis.call('HSET', d, sub, (ord_join(p, sub, id, keys, ARGV[7]) and 'o' or 'w') .. ARGV[7])
+      redis.call('EXPIRE', d, ARGV[3])
+      redis.call('ZADD', p .. 'pending:' .. sub, 'NX', ARGV[7], id)
+    end
+    j = j + 2 + n
+  end
+  i = j
 end
 if new > 0 then
   redis.call('LPUSH', KEYS[1], ARGV[5])
@@ -111,6 +133,8 @@ class EventStore(Batcher[StoredEvent, bool]):
         #: A fan-out message no worker has taken within this long is queued again.
         self._redeliver_ms = int(redeliver_after * 1000)
         self._keys = keys
+        #: The ordered subscribers an event joins (relay/ordering.py); set on (re)load.
+        self.sequencer = Sequencer(())
         self.configure(dedupe_seconds, retention_seconds)
         # WAIT in the same round trip as the script: the answer waits for the replicas, and
         # a write that did not reach enough of them is a 503 (the sender's retry is then a
@@ -150,6 +174,10 @@ class EventStore(Batcher[StoredEvent, bool]):
         for event in events:
             args += [event.event_id, _encode_record(event), len(event.order_numbers),
                      *event.order_numbers]
+            joins = self.sequencer.joins(event)
+            args.append(len(joins))
+            for name, event_keys in joins:
+                args += [name, len(event_keys), *event_keys]
         keys = (k.queue, k.unclaimed, k.events, k.stats(received_ms // 60_000), k.totals)
         result = await self._commit.script(STORE_SCRIPT, keys, args, then=self._wait)
         if self._wait:

@@ -49,7 +49,7 @@ if ord_queued(p, sub, id) then
   ord_unblock(p, sub, id, now)
 elseif ARGV[9] ~= '' then
   local keys = {}
-  for key in string.gmatch(ARGV[9], '[^\n]+') do keys[#keys + 1] = key end
+  for key in string.gmatch(ARGV[9], '[^\\n]+') do keys[#keys + 1] = key end
   if ord_join(p, sub, id, keys, now) == false then
     go = false
     redis.call('HSET', KEYS[4], sub, 'w' .. now)

@@ -52,7 +52,7 @@ for i = 0, (#ARGV - 5) / 3 - 1 do
     local go = true
     if okeys ~= '' then
       local keys = {}
-      for key in string.gmatch(okeys, '[^\n]+') do keys[#keys + 1] = key end
+      for key in string.gmatch(okeys, '[^\\n]+') do keys[#keys + 1] = key end
       go = ord_join(p, sub, id, keys, now)
     end
     if go then

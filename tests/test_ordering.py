@@ -162,3 +162,163 @@ def test_by_topic_keeps_stock_updates_in_the_order_ingram_sent_them(
     ids = enqueue_events(redis_client, bodies, config=config)
     wait_until(lambda: all(delivered(redis_client, e, "wms") for e in ids), 20)
     assert first_arrivals(sink, "/wms") == ids
+
+
+def relay(config: Config, *args: str) -> Any:
+    import subprocess
+
+    from tests.support import ROOT, relay_cmd
+
+    return subprocess.run(relay_cmd("--config", config.source, *args), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def three_of_one_order(redis_client: redis.Redis, config: Config) -> list[str]:
+    return enqueue_events(redis_client, [
+        order_event("HOLD1", "im::order_hold", ("20-C",)),
+        order_event("SHIP1", "im::order_shipped", ("20-C",)),
+        order_event("INV1", "im::order_invoiced", ("20-C",))], config=config)
+
+
+def test_on_dead_skip_dead_letters_the_head_and_the_next_event_goes(
+        hub: Any, redis_client: redis.Redis, sink: Sink) -> None:
+    sink.behave_per_event("/erp", lambda e, n: Reply(500) if e == "HOLD1" else Reply(200))
+    config = hub([erp(sink, max_attempts=2)])
+    ids = three_of_one_order(redis_client, config)
+    wait_until(lambda: delivered(redis_client, "INV1", "erp"), 20)
+    assert ("HOLD1", "erp") in dead_letters(redis_client)
+    assert first_arrivals(sink, "/erp") == ids
+    assert redis_client.keys("relay:ordq:*") == []
+
+
+def test_on_dead_block_holds_the_key_until_the_dead_letter_is_replayed(
+        hub: Any, redis_client: redis.Redis, sink: Sink) -> None:
+    failing = {"on": True}
+    sink.behave_per_event("/erp", lambda e, n: Reply(500) if e == "HOLD1" and failing["on"]
+                          else Reply(200))
+    config = hub([erp(sink, max_attempts=2, ordering={"by": "order", "on_dead": "block"}),
+                  crm(sink)])
+    ids = three_of_one_order(redis_client, config)
+    wait_until(lambda: ("HOLD1", "erp") in dead_letters(redis_client), 20)
+    wait_until(lambda: len(sink.on("/crm")) == 3, 10)
+    import time
+    time.sleep(1.0)
+    # Blocked: the later events of the order wait, not posted, no attempts spent.
+    assert set(receipts(sink, "/erp")) == {"HOLD1"}
+    assert attempt_log(redis_client, "SHIP1", "erp") == []
+    assert redis_client.zrange("relay:ordblocked:erp", 0, -1) == [b"o:20-C"]
+
+    failing["on"] = False
+    result = relay(config, "dlq", "replay", "--subscriber", "erp")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: delivered(redis_client, "INV1", "erp"), 20)
+    # The replayed letter went first again, then the key moved on.
+    assert first_arrivals(sink, "/erp") == ids
+    assert [r for r in receipts(sink, "/erp") if r != "HOLD1"] == ids[1:]
+    assert redis_client.zcard("relay:ordblocked:erp") == 0
+
+
+def test_on_dead_block_purging_the_dead_letter_lets_the_key_move_on(
+        hub: Any, redis_client: redis.Redis, sink: Sink) -> None:
+    sink.behave_per_event("/erp", lambda e, n: Reply(500) if e == "HOLD1" else Reply(200))
+    config = hub([erp(sink, max_attempts=1, ordering={"by": "order", "on_dead": "block"})])
+    three_of_one_order(redis_client, config)
+    wait_until(lambda: ("HOLD1", "erp") in dead_letters(redis_client), 20)
+    assert relay(config, "dlq", "purge", "--subscriber", "erp").returncode == 0
+    wait_until(lambda: delivered(redis_client, "INV1", "erp"), 20)
+    assert receipts(sink, "/erp") == ["HOLD1", "SHIP1", "INV1"]
+    assert redis_client.keys("relay:ordq:*") == []
+
+
+def test_a_resend_joins_the_end_of_its_order(
+        hub: Any, redis_client: redis.Redis, sink: Sink) -> None:
+    resent = {"done": False}
+    # The order's next event fails until the resend of its first one has been queued: the
+    # resend must wait behind it.
+    sink.behave_per_event("/erp", lambda e, n: Reply(503) if e == "REF1" and not resent["done"]
+                          else Reply(200))
+    config = hub([erp(sink, max_attempts=30)])
+    enqueue_events(redis_client, [order_event("SHIP1", "im::order_shipped", ("20-D",))],
+                   config=config)
+    wait_until(lambda: delivered(redis_client, "SHIP1", "erp"), 20)
+    enqueue_events(redis_client, [order_event("REF1", "im::order_hold", ("20-D",))],
+                   config=config)
+    wait_until(lambda: "REF1" in receipts(sink, "/erp"), 10)
+    assert relay(config, "events", "resend", "SHIP1", "--subscriber", "erp").returncode == 0
+    assert redis_client.hget("relay:deliveries:SHIP1", "erp")[:1] == b"w"
+    resent["done"] = True
+    wait_until(lambda: receipts(sink, "/erp").count("SHIP1") == 2, 20)
+    got = receipts(sink, "/erp")
+    assert got[-2:] == ["REF1", "SHIP1"], got
+
+
+# -- changing the config, retention ------------------------------------------------------------
+
+
+def test_turning_ordering_off_releases_every_waiting_event(
+        tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
+        sink: Sink) -> None:
+    import os
+    import signal
+
+    import yaml
+
+    sink.behave_per_event("/erp", lambda e, n: Reply(503) if e == "OFF1" else Reply(200))
+    path = write_config(tmp_path / "relay.yaml", redis_server.url, [erp(sink, max_attempts=50)],
+                        delivery={"timeout": "2s", "max_attempts": 5,
+                                  "backoff": {"initial": "200ms", "max": "500ms"}})
+    config = load_config(path)
+    with worker(path, tmp_path / "worker.log") as proc:
+        enqueue_events(redis_client, [order_event(f"OFF{i}", "im::order_shipped", ("20-E",))
+                                      for i in range(1, 5)], config=config)
+        wait_until(lambda: len(sink.on("/erp")) >= 2, 10)
+        assert set(receipts(sink, "/erp")) == {"OFF1"}
+        assert redis_client.hget(KEYS.order_waiting, "erp") == b"3"
+        doc = yaml.safe_load(path.read_text())
+        doc["subscribers"][0]["ordering"] = False
+        path.write_text(yaml.safe_dump(doc))
+        os.killpg(proc.pid, signal.SIGHUP)
+        wait_until(lambda: all(delivered(redis_client, f"OFF{i}", "erp") for i in (2, 3, 4)),
+                   20, what="the waiting events released")
+    assert not delivered(redis_client, "OFF1", "erp")   # still retrying
+    assert redis_client.keys("relay:ordq:*") == []
+    assert not redis_client.hget(KEYS.order_waiting, "erp")
+
+
+def test_a_removed_subscribers_waiting_events_are_dead_lettered_as_removed(
+        tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
+        sink: Sink) -> None:
+    sink.behave_per_event("/erp", lambda e, n: Reply(503))
+    with_erp = write_config(tmp_path / "with.yaml", redis_server.url,
+                            [erp(sink, max_attempts=50), crm(sink)])
+    without = write_config(tmp_path / "without.yaml", redis_server.url, [crm(sink)])
+    ids = [f"RM{i}" for i in range(1, 4)]
+    with worker(with_erp, tmp_path / "worker.log"):
+        enqueue_events(redis_client, [order_event(e, "im::order_shipped", ("20-F",))
+                                      for e in ids], config=load_config(with_erp))
+        wait_until(lambda: len(sink.on("/erp")) >= 1, 10)
+    # erp is gone from every worker's config: once no live worker has had it for 15 s, its
+    # head and the events waiting behind it are dead letters, none dropped.
+    with worker(without, tmp_path / "worker2.log"):
+        wait_until(lambda: all((e, "erp") in dead_letters(redis_client) for e in ids), 45,
+                   what="every erp delivery dead-lettered")
+    assert {dead_letters(redis_client)[(e, "erp")].reason for e in ids} == {"subscriber removed"}
+    assert redis_client.keys("relay:ordq:*") == []
+
+
+def test_an_event_that_expires_while_waiting_is_dead_lettered_and_its_key_moves_on(
+        hub: Any, redis_client: redis.Redis, sink: Sink) -> None:
+    gate = {"open": False}
+    sink.behave_per_event("/erp", lambda e, n: Reply(200) if gate["open"] or e != "EXP1"
+                          else Reply(503))
+    config = hub([erp(sink, max_attempts=50)])
+    enqueue_events(redis_client, [order_event(f"EXP{i}", "im::order_shipped", ("20-G",))
+                                  for i in range(1, 4)], config=config)
+    wait_until(lambda: "EXP1" in receipts(sink, "/erp"), 10)
+    redis_client.delete(KEYS.event("EXP2"), KEYS.deliveries("EXP2"))  # what retention does
+    gate["open"] = True
+    wait_until(lambda: delivered(redis_client, "EXP3", "erp"), 20)
+    assert dead_letters(redis_client)[("EXP2", "erp")].reason == "event expired"
+    assert receipts(sink, "/erp")[-1] == "EXP3"
+    assert "EXP2" not in receipts(sink, "/erp")
+    assert redis_client.keys("relay:ordq:*") == []

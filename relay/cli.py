@@ -440,7 +440,7 @@ def events_show(event_id: str, as_json: bool) -> None:
 @with_config
 @click.option("--subscriber", default=None)
 @click.option("--state", type=click.Choice(["delivered", "pending", "retrying", "dead",
-                                            "paused"]), default=None)
+                                            "paused", "waiting"]), default=None)
 @click.option("--order", default=None, help="An Ingram order number.")
 @click.option("--since", default=None, help="Received at or after (ISO 8601 or unix seconds).")
 @click.option("--until", default=None, help="Received at or before.")

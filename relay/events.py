@@ -21,7 +21,7 @@ from relay.connections import as_bytes, text
 from relay.health import public_state
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
-from relay.ordering import FUNCTIONS, event_keys
+from relay.ordering import FUNCTIONS, event_keys, waiting_for
 from relay.queue import deliver_message
 from relay.routing import Router
 from relay.timefmt import iso
@@ -83,6 +83,8 @@ def delivery_state(value: bytes | None, held_state: str | None, has_attempts: bo
         return "delivered", None
     if kind == b"x":
         return "dead", None
+    if kind == b"w":  # ordered, behind another event of its key (relay/ordering.py)
+        return "waiting", None
     if held_state in ("paused", "disabled"):
         return "paused", None
     if kind == b"r":
@@ -122,6 +124,8 @@ class Events:
                 "subscriber": name,
                 "configured": self._config.subscriber(name) is not None,
                 "state": state,
+                "waitingFor": (await waiting_for(self._r, k, event_id, name)
+                               if state == "waiting" else None),
                 "nextAttemptAt": iso(next_at) if state == "retrying" else None,
                 "deadReason": _decode_letter(letter).reason if letter else None,
                 "attempts": [{"attempt": a.attempt, "at": iso(a.at), "status": a.status,

@@ -12,7 +12,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, RedisError
 
-from relay import clock
+from relay import clock, ordering
 from relay.config import Config, Subscriber
 from relay.connections import text
 from relay.counters import LATENCY_BUCKETS_MS, quantile
@@ -61,12 +61,40 @@ class Status:
                 pipe.zcard(self._k.pending(name))
                 pipe.zrange(self._k.pending(name), 0, 0, withscores=True)
             raw = await pipe.execute()
+        ordered = await ordering.counts(self._r, self._k, names)
         rows = []
         for i, name in enumerate(names):
             health, _, pending, oldest = raw[4 * i: 4 * i + 4]
-            rows.append(self._row(name, self._config.subscriber(name), health, hour,
-                                  dead.get(name, 0), int(pending), oldest, now))
+            row = self._row(name, self._config.subscriber(name), health, hour,
+                            dead.get(name, 0), int(pending), oldest, now)
+            sub = self._config.subscriber(name)
+            waiting, blocked = ordered[name]
+            row["ordering"] = ({"by": sub.ordering.by, "onDead": sub.ordering.on_dead,
+                                "waiting": waiting, "blockedKeys": blocked}
+                               if sub is not None and sub.ordering is not None else None)
+            rows.append(row)
         rows.sort(key=lambda r: (_SEVERITY.get(r["state"], 9), r["name"]))
+        return rows
+
+    async def holding(self, name: str, limit: int = 100, only: list[str] | None = None
+                      ) -> list[dict[str, Any]]:
+        """The ordered keys of ``name`` holding events back (relay/ordering.py), oldest
+        first; ``only``: just these keys. State of each head: ``blocked`` (its dead letter
+        blocks the key), ``paused`` (the subscriber is paused or disabled), ``open`` (its
+        breaker is open) or ``retrying``."""
+        fields: Any = await self._r.hgetall(self._k.health(name))
+        state = public_state(fields)
+
+        async def head_state(event_id: str, blocked: bool) -> str:
+            if blocked:
+                return "blocked"
+            if state in ("paused", "disabled"):
+                return "paused"
+            return "open" if state in ("open", "half-open") else "retrying"
+
+        rows = await ordering.holding(self._r, self._k, name, limit, head_state, only)
+        for row in rows:
+            row["since"] = iso_ms(row["since"] * 1000)
         return rows
 
     async def subscriber(self, name: str) -> dict[str, Any]:

@@ -88,13 +88,16 @@ def status_report(overview: dict[str, Any], subscribers: Sequence[dict[str, Any]
         lines.append("no subscribers configured")
         return "\n".join(lines)
     rows = [("SUBSCRIBER", "STATE", "OK 1H", "FAILED 1H", "SUCCESS", "P50", "P99", "PENDING",
-             "OLDEST", "DEAD", "LAST ERROR")]
+             "OLDEST", "WAITING", "BLOCKED", "DEAD", "LAST ERROR")]
     for s in subscribers:
         rate = "-" if s["successRate"] is None else f"{s['successRate'] * 100:.1f}%"
+        ordered = s.get("ordering")
         rows.append((s["name"] + ("" if s["configured"] else " (removed)"), s["state"],
                      str(s["delivered"]), str(s["failed"]), rate,
                      _num(s["latencyP50Ms"], "ms"), _num(s["latencyP99Ms"], "ms"),
                      str(s["pending"]), _num(s["oldestPendingSeconds"], "s"),
+                     str(ordered["waiting"]) if ordered else "-",
+                     str(ordered["blockedKeys"]) if ordered else "-",
                      str(s["deadLetters"]), (s["lastError"] or "-")[:40]))
     lines.append(table(rows))
     return "\n".join(lines)

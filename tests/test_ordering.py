@@ -322,3 +322,59 @@ def test_an_event_that_expires_while_waiting_is_dead_lettered_and_its_key_moves_
     assert receipts(sink, "/erp")[-1] == "EXP3"
     assert "EXP2" not in receipts(sink, "/erp")
     assert redis_client.keys("relay:ordq:*") == []
+
+
+# -- what operators see -----------------------------------------------------------------------
+
+
+def test_the_admin_shows_waiting_events_blocked_keys_and_counts(
+        tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
+        sink: Sink) -> None:
+    from tests.hub import call
+    from tests.support import free_port, process, relay_cmd, wait_http
+
+    sink.behave_per_event("/erp", lambda e, n: Reply(500) if e in ("VIS1", "VIS3") else
+                          Reply(200))
+    port = free_port()
+    path = write_config(tmp_path / "relay.yaml", redis_server.url,
+                        [erp(sink, max_attempts=1, ordering={"by": "order", "on_dead": "block"}),
+                         crm(sink)], admin={"port": port})
+    config = load_config(path)
+    with worker(path, tmp_path / "worker.log"), \
+            process(relay_cmd("--config", str(path), "admin"), log_path=tmp_path / "admin.log"):
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/healthz")
+        enqueue_events(redis_client, [order_event("VIS1", "im::order_shipped", ("20-H",)),
+                                      order_event("VIS2", "im::order_invoiced", ("20-H",)),
+                                      order_event("VIS3", "im::order_shipped", ("20-J",))],
+                       config=config)
+        wait_until(lambda: ("VIS3", "erp") in dead_letters(redis_client), 20)
+        wait_until(lambda: ("VIS1", "erp") in dead_letters(redis_client), 20)
+
+        status, _, detail = call(f"{base}/api/events/VIS2")
+        assert status == 200
+        erp_delivery = next(d for d in detail["deliveries"] if d["subscriber"] == "erp")
+        assert erp_delivery["state"] == "waiting"
+        assert erp_delivery["waitingFor"] == "VIS1"
+
+        status, _, keys = call(f"{base}/api/ordering/erp")
+        assert status == 200
+        assert [(k["key"], k["headEventId"], k["state"], k["waiting"]) for k in keys["keys"]] \
+            == [("20-H", "VIS1", "blocked", 1), ("20-J", "VIS3", "blocked", 0)]
+
+        status, _, subs = call(f"{base}/api/subscribers")
+        by_name = {s["name"]: s for s in subs}
+        assert by_name["erp"]["ordering"] == {"by": "order", "onDead": "block", "waiting": 1,
+                                              "blockedKeys": 2}
+        assert by_name["crm"]["ordering"] is None
+
+        status, _, metrics = call(f"{base}/metrics")
+        assert 'relay_ordering_waiting{subscriber="erp"} 1.0' in metrics
+        assert 'relay_ordering_blocked_keys{subscriber="erp"} 2.0' in metrics
+
+        status, _, found = call(f"{base}/api/events?state=waiting")
+        assert [e["eventId"] for e in found["events"]] == ["VIS2"]
+
+    shown = relay(config, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "WAITING" in shown.stdout and "BLOCKED" in shown.stdout

@@ -197,6 +197,20 @@ async def pause_or_resume(request: web.Request) -> web.Response:
     return json_answer(200, await admin.status().subscriber(name))
 
 
+async def ordering_keys(request: web.Request) -> web.Response:
+    """The keys of an ordered subscriber holding events back, oldest first."""
+    admin = request.app[ADMIN]
+    name = request.match_info["name"]
+    _configured(admin, name)
+    sub = admin.config.subscriber(name)
+    limit = _int(request.query, "limit", 100, 1, 1000)
+    return json_answer(200, {
+        "subscriber": name,
+        "ordering": ({"by": sub.ordering.by, "onDead": sub.ordering.on_dead}
+                     if sub is not None and sub.ordering is not None else None),
+        "keys": await admin.status().holding(name, limit)})
+
+
 async def stats(request: web.Request) -> web.Response:
     minutes = _int(request.query, "minutes", 60, 1, 1440)
     return json_answer(200, await request.app[ADMIN].status().stats(minutes))
@@ -210,8 +224,9 @@ async def event(request: web.Request) -> web.Response:
 async def events(request: web.Request) -> web.Response:
     q = request.query
     state = q.get("state") or None
-    if state not in (None, "delivered", "pending", "retrying", "dead", "paused"):
-        raise BadRequest("state: expected delivered, pending, retrying, dead or paused")
+    if state not in (None, "delivered", "pending", "retrying", "dead", "paused", "waiting"):
+        raise BadRequest("state: expected delivered, pending, retrying, dead, paused or "
+                         "waiting")
     found, cursor = await request.app[ADMIN].events().find(
         subscriber=q.get("subscriber") or None, state=state, order=q.get("order") or None,
         since=_time(q, "since"), until=_time(q, "until"), limit=_int(q, "limit", 50, 1, 500),
@@ -302,6 +317,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     r.add_get("/api/subscribers", subscribers)
     r.add_post(r"/api/subscribers/{name}/{action:pause|resume}", pause_or_resume)
     r.add_get("/api/stats", stats)
+    r.add_get("/api/ordering/{name}", ordering_keys)
     r.add_get("/api/events", events)
     r.add_get("/api/events/{event_id}", event)
     r.add_post("/api/events/{event_id}/resend", resend)

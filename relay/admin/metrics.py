@@ -83,6 +83,19 @@ class Snapshot:
         yield dead
         yield state
 
+        waiting = GaugeMetricFamily("relay_ordering_waiting",
+                                    "Ordered events waiting behind another event of their key",
+                                    labels=["subscriber"])
+        blocked = GaugeMetricFamily("relay_ordering_blocked_keys",
+                                    "Ordered keys blocked by a dead letter (on_dead: block)",
+                                    labels=["subscriber"])
+        for sub in self.subscribers:
+            if sub.get("ordering"):
+                waiting.add_metric([sub["name"]], float(sub["ordering"]["waiting"]))
+                blocked.add_metric([sub["name"]], float(sub["ordering"]["blockedKeys"]))
+        yield waiting
+        yield blocked
+
 
 def render(snapshot: Snapshot) -> bytes:
     registry = CollectorRegistry()

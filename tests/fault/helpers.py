@@ -176,6 +176,69 @@ def bodies(prefix: str, count: int, topic_of: Callable[[int], str] | None = None
     return out
 
 
+def send_orders_in_turn(urls: list[str], orders: dict[str, list[tuple[str, bytes]]],
+                        give_up_after: float = 60.0) -> dict[str, list[str]]:
+    """As Ingram sends an order's events: one after another, each sent again (after a short
+    pause) until it is answered 2xx before the next is sent; the orders concurrently, one
+    thread each, each event to the next of ``urls`` in turn. Returns, per order, the event
+    ids in the order they were accepted."""
+    import urllib.error
+    import urllib.request
+
+    accepted: dict[str, list[str]] = {order: [] for order in orders}
+
+    def post(url: str, event_id: str, body: bytes) -> int:
+        req = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json",
+            "X-Hub-Signature": sign_ingram(INGRESS_SECRET, event_id)})
+        try:
+            with urllib.request.urlopen(req, timeout=20) as resp:
+                return int(resp.status)
+        except urllib.error.HTTPError as exc:
+            return int(exc.code)
+        except OSError:
+            return 0
+
+    def run(order: str, events: list[tuple[str, bytes]]) -> None:
+        deadline = time.monotonic() + give_up_after
+        turn = 0
+        for event_id, body in events:
+            while time.monotonic() < deadline:
+                status = post(urls[turn % len(urls)], event_id, body)
+                turn += 1
+                if 200 <= status < 300:
+                    accepted[order].append(event_id)
+                    break
+                time.sleep(0.2)
+
+    threads = [threading.Thread(target=run, args=(o, e), daemon=True) for o, e in orders.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(give_up_after + 30)
+    return accepted
+
+
+def assert_each_order_in_order(sink: Sink, path: str, accepted: dict[str, list[str]]) -> None:
+    """Per order: no event reached ``path`` before the one accepted ahead of it had been
+    answered (the sink answers 2xx), and none came again after a later one."""
+    got = sorted(sink.on(path), key=lambda r: r.arrived)
+    for order, expected in accepted.items():
+        position = {e: i for i, e in enumerate(expected)}
+        receipts = [r for r in got if r.event_id in position]
+        answered: dict[str, float] = {}
+        for r in receipts:
+            earlier = expected[:position[r.event_id]]
+            assert all(e in answered and answered[e] <= r.arrived for e in earlier), (
+                f"order {order}: {r.event_id} posted before an earlier event was delivered: "
+                f"{[x.event_id for x in receipts]}")
+            later = expected[position[r.event_id] + 1:]
+            assert not any(e in answered for e in later), (
+                f"order {order}: {r.event_id} posted again after a later event: "
+                f"{[x.event_id for x in receipts]}")
+            answered.setdefault(r.event_id, r.at)
+
+
 # --- loss and duplicate accounting ---------------------------------------------------------
 
 

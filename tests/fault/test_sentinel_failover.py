@@ -7,6 +7,11 @@ mid-way. What is not answered 2xx is sent again until it is. Then every event an
 must reach every subscriber (lost: 0); duplicates, 503s and the time to the first 2xx after
 the kill are reported.
 
+Meanwhile 10 orders of 12 events each go, each order's events one after another as Ingram
+sends them (the next only once the previous was answered 2xx), to a subscriber with
+``ordering: {by: order}``: it must get each order's events in the order they were accepted,
+across the failover.
+
 Why the killed primary is started again (and not a second replica): with ``min_replicas: 1``
 and one replica, the promoted replica has no replica of its own while the old primary is dead,
 so every write would get 503 until a replica is back. That is the deployment of
@@ -36,8 +41,18 @@ from typing import Any
 
 import pytest
 
-from tests.fault.helpers import Answer, Load, account, backlog, bodies, wait_delivered, wait_quiet
-from tests.hub import ingress, worker, write_config
+from tests.fault.helpers import (
+    Answer,
+    Load,
+    account,
+    assert_each_order_in_order,
+    backlog,
+    bodies,
+    send_orders_in_turn,
+    wait_delivered,
+    wait_quiet,
+)
+from tests.hub import ingress, order_event, worker, write_config
 from tests.sentinel import MASTER, PASSWORD, SentinelSet
 from tests.support import free_port, wait_until
 
@@ -50,6 +65,8 @@ KILL_AFTER = 450        # the primary is SIGKILLed once this many events were an
 SUBSCRIBERS = ("/erp", "/wms")
 RESEND_FOR = 45.0       # s after the kill within which every event must have been accepted
 DELIVER_WITHIN = 60.0   # s for every accepted event to reach every subscriber after that
+ORDERED_ORDERS = 10     # orders sent one event after another to the ordered subscriber
+ORDERED_EVENTS = 12
 
 
 @pytest.fixture
@@ -87,8 +104,14 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
         tmp_path: Path, sentinel_set: SentinelSet, sink, report) -> None:
     began = time.monotonic()
     rs = sentinel_set
-    subscribers = [{"name": p.strip("/"), "url": sink.url(p), "secret": f"s-{p.strip('/')}"}
-                   for p in SUBSCRIBERS]
+    subscribers = [{"name": p.strip("/"), "url": sink.url(p), "secret": f"s-{p.strip('/')}",
+                    "event_types": ["im::order_shipped"]} for p in SUBSCRIBERS]
+    subscribers.append({"name": "ordered", "url": sink.url("/ordered"), "secret": "s-ordered",
+                        "event_types": ["im::order_invoiced"], "ordering": {"by": "order"}})
+    orders = {f"20-FO{o}": [(f"FOORD{o:02d}{n:02d}",
+                             order_event(f"FOORD{o:02d}{n:02d}", "im::order_invoiced",
+                                         (f"20-FO{o}",))) for n in range(ORDERED_EVENTS)]
+              for o in range(ORDERED_ORDERS)}
     redis_section = {"sentinel": {"hosts": rs.hosts, "master": MASTER},
                      "min_replicas": 1, "min_replicas_timeout": "1s"}
     configs = [write_config(
@@ -133,6 +156,11 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
         # Events alternate between the two ingress processes (as nginx spreads them).
         halves = [{e: events[e] for e in ids[i::2]} for i in range(2)]
         loads = [load(urls[i], RATE / 2).start(halves[i]) for i in range(2)]
+        in_turn: dict[str, list[str]] = {}
+        ordered_sender = threading.Thread(
+            target=lambda: in_turn.update(send_orders_in_turn(urls, orders, RESEND_FOR + 30)),
+            daemon=True)
+        ordered_sender.start()
         load_started = time.monotonic()
         wait_until(lambda: len(answers) >= KILL_AFTER, 60, 0.005,
                    what=f"{KILL_AFTER} events answered before the kill")
@@ -177,8 +205,10 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
                 one.join(60)
             refused = seen.refused
         all_accepted_s = round(time.monotonic() - killed, 2)
+        ordered_sender.join(RESEND_FOR + 60)
 
         expected = {(p, e) for e in seen.accepted for p in SUBSCRIBERS}
+        expected |= {("/ordered", e) for accepted in in_turn.values() for e in accepted}
         waited = wait_delivered(sink, expected, timeout=DELIVER_WITHIN)
         rejoined.wait(RESEND_FOR)
         with new.client() as client:
@@ -233,3 +263,5 @@ def test_sentinel_failover_under_load_every_2xx_is_delivered(
     assert not any(backlog_after.values()), backlog_after
     assert not_ready, "/readyz never said 'not ready' while the ingress answered 503"
     assert ready_after == [200, 200]
+    assert all(len(accepted) == ORDERED_EVENTS for accepted in in_turn.values()), in_turn
+    assert_each_order_in_order(sink, "/ordered", in_turn)

@@ -145,9 +145,11 @@ def check_config() -> None:
         topics = ", ".join(sub.topics) or "*"
         types = ", ".join(sub.event_types) or "*"
         rate = f" rate_limit={sub.rate_limit:g}/s" if sub.rate_limit else ""
+        ordered = (f" ordering=by {sub.ordering.by}, on_dead {sub.ordering.on_dead}"
+                   if sub.ordering else "")
         click.echo(f"  - {sub.name}: {mask_url(sub.url)} [signature={sub.signature}] "
                    f"topics={topics} event_types={types} timeout={sub.timeout:g}s "
-                   f"max_attempts={sub.max_attempts}{rate}")
+                   f"max_attempts={sub.max_attempts}{rate}{ordered}")
     for alert in config.alerts:
         click.echo(f"alert: {mask_url(alert.url)} [signature={alert.signature}]")
     for warning in config.warnings:

@@ -39,6 +39,7 @@ from typing import Any
 from bench import report
 from bench.hub import Ingress, Sinks, Worker, hub_keys, write_config
 from bench.obvious.procs import ObviousDesign
+from bench.ordering import Ordering
 from bench.procs import (
     ROOT,
     Proc,
@@ -56,7 +57,8 @@ from relay.queue import read_deliver_message
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
-PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "long")
+PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "ordering",
+          "long")
 #: The obvious design is compared with the hub at this fan-out.
 OBVIOUS_FANOUT = 10
 
@@ -931,6 +933,9 @@ class Bench:
                 self.fanout_phase("e2e" in phases, "steady" in phases)
             if "obvious" in phases:
                 self.obvious_phase()
+            if "ordering" in phases:
+                self.results["ordering"] = Ordering(self.log_dir, self.plan.smoke,
+                                                    self.worker_settings, self.say).run()
             if "long" in phases:
                 self.long_run()
         finally:

@@ -4,12 +4,15 @@ Every POST (any path) is answered 200 and counted, with its receive time; while 
 on (``POST /_record?on=1``) the event id and path of each receipt are kept too, for latency.
 Control, all on the same port: ``GET /_stats`` (count, distinct (eventId, path) pairs, first
 and last receive time, count per path), ``GET /_receipts`` (the recorded
-``[eventId, path, t]``), ``POST /_reset``.
+``[eventId, path, t]``), ``POST /_reset``. ``POST /_delay?path=P&ms=N`` makes posts to ``P``
+answer after N ms (the ordering phase's subscriber latency); ``GET /_answers`` lists, for
+those, ``[eventId, path, t received, t answered]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from collections import Counter
 
@@ -32,6 +35,8 @@ class Recorder:
         self.receipts: list[tuple[str, str, float]] = []
         #: hash of (eventId, path) of every receipt: distinct deliveries, so duplicates show.
         self.seen: set[int] = set()
+        self.delays: dict[str, float] = {}
+        self.answers: list[tuple[str, str, float, float]] = []
 
 
 def create_app() -> web.Application:
@@ -49,7 +54,19 @@ def create_app() -> web.Application:
         rec.seen.add(hash((eid, request.path)))
         if rec.recording:
             rec.receipts.append((eid, request.path, now))
+        delay = rec.delays.get(request.path)
+        if delay is not None:
+            await asyncio.sleep(delay)
+            rec.answers.append((eid, request.path, now, time.time()))
         return web.Response(text="ok")
+
+    async def set_delay(request: web.Request) -> web.Response:
+        rec.delays[request.query["path"]] = int(request.query["ms"]) / 1000
+        return web.Response(text="ok")
+
+    async def answers(request: web.Request) -> web.Response:
+        return web.Response(body=msgspec.json.encode(rec.answers),
+                            content_type="application/json")
 
     async def stats(request: web.Request) -> web.Response:
         return web.Response(body=msgspec.json.encode({
@@ -73,6 +90,8 @@ def create_app() -> web.Application:
     app.router.add_get("/_receipts", receipts)
     app.router.add_post("/_reset", reset)
     app.router.add_post("/_record", record)
+    app.router.add_post("/_delay", set_delay)
+    app.router.add_get("/_answers", answers)
     app.router.add_post("/{tail:.*}", receive)
     return app
 

@@ -38,7 +38,7 @@ class Duration(float):
     """A number of seconds, written in YAML as ``500ms``, ``10s``, ``5m``, ``2h`` or ``7d``."""
 
     _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+    _PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
 
     @classmethod
     def parse(cls, value: object) -> Duration:
@@ -47,7 +47,7 @@ class Duration(float):
         if isinstance(value, int | float):
             return cls(value)
         if isinstance(value, str):
-            match = cls._PATTERN.match(value)
+            match = cls._PATTERN.fullmatch(value)
             if match:
                 return cls(float(match.group(1)) * cls._UNITS[match.group(2)])
         raise ValueError(f"expected a duration such as 500ms, 10s, 5m, 2h or 7d, got {value!r}")
@@ -56,12 +56,12 @@ class Duration(float):
 class Rate(float):
     """Attempts per second, written in YAML as ``50/s`` or ``120/m``."""
 
-    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*$")
+    _PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*")
 
     @classmethod
     def parse(cls, value: object) -> Rate:
         if isinstance(value, str):
-            match = cls._PATTERN.match(value)
+            match = cls._PATTERN.fullmatch(value)
             if match:
                 per = 1.0 if match.group(2) == "s" else 60.0
                 return cls(float(match.group(1)) / per)
@@ -364,8 +364,13 @@ def _describe(message: str) -> str:
     return f"{path or '(top level)'}: {what}"
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+# Every pattern below is applied with ``fullmatch``: with ``match``, ``$`` also matches before a
+# trailing newline, so ``"erp\n"`` (a value read into ${VAR} from a file) would pass.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_PREFIX = re.compile(r"[^\s]{1,64}")
+_SENTINEL_HOST = re.compile(r"[^\s:]+:\d{1,5}")
+_QUEUE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")           # HTAB is allowed in values
 #: Headers the HTTP client must own: a subscriber setting them would corrupt the request.
 _FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
@@ -398,7 +403,7 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
     subscribers = []
     for i, spec in enumerate(raw.subscribers):
         where = f"subscribers[{i}]"
-        if not _NAME.match(spec.name):
+        if not _NAME.fullmatch(spec.name):
             raise fail(f"{where}.name", "use 1-64 letters, digits, '.', '_' or '-'")
         if spec.name in seen:
             raise fail(f"{where}.name", f"duplicate subscriber name {spec.name!r}")
@@ -460,7 +465,7 @@ def _check_redis(settings: RedisSettings, fail: Any) -> None:
                    f"{mask_url(settings.url)!r}")
     if settings.retention < 1:
         raise fail("redis.retention", "must be at least 1s")
-    if not re.match(r"^[^\s]{1,64}$", settings.prefix):
+    if not _PREFIX.fullmatch(settings.prefix):
         raise fail("redis.prefix", "use 1-64 characters without spaces")
     if settings.min_replicas < 0:
         raise fail("redis.min_replicas", "must be 0 or more")
@@ -470,14 +475,14 @@ def _check_redis(settings: RedisSettings, fail: Any) -> None:
         if not settings.sentinel.hosts:
             raise fail("redis.sentinel.hosts", "at least one host:port is required")
         for j, host in enumerate(settings.sentinel.hosts):
-            if not re.match(r"^[^\s:]+:\d{1,5}$", host):
+            if not _SENTINEL_HOST.fullmatch(host):
                 raise fail(f"redis.sentinel.hosts[{j}]", f"expected host:port, got {host!r}")
         if not settings.sentinel.master:
             raise fail("redis.sentinel.master", "must not be empty")
 
 
 def _check_worker(worker: WorkerSettings, fail: Any) -> None:
-    if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", worker.queue):
+    if not _QUEUE.fullmatch(worker.queue):
         raise fail("worker.queue", "use 1-64 letters, digits, '.', ':', '_' or '-'")
     if worker.concurrency < 1:
         raise fail("worker.concurrency", "must be at least 1")
@@ -516,7 +521,7 @@ def _check_endpoint(url: str, secret: str, signature: str, headers: dict[str, st
     if signature in ("standard", "both"):
         _check_standard_secret(secret, f"{where}.secret", fail)
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
+        if not _HEADER_NAME.fullmatch(name):
             raise fail(f"{where}.headers", f"{name!r} is not a valid header name")
         if name.lower() in _FORBIDDEN_HEADERS:
             raise fail(f"{where}.headers.{name}", "set by the hub's HTTP client; remove it")

@@ -20,14 +20,17 @@ import msgspec
 
 from relay.errors import EnvelopeError
 
+# Patterns: msgspec applies them with ``re.search``, where ``$`` also matches before a trailing
+# newline; ``\A`` and ``\Z`` anchor at the very start and end.
 # A quantity: a number, or a string holding one (or empty). Strings with letters are refused.
-Quantity = int | float | Annotated[str, msgspec.Meta(pattern=r"^\s*(-?\d+(\.\d+)?)?\s*$")] | None
+_NUMERIC = msgspec.Meta(pattern=r"\A\s*(-?\d+(\.\d+)?)?\s*\Z")
+Quantity = int | float | Annotated[str, _NUMERIC] | None
 LineNo = int | str | None
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 #: An eventId: 1-256 characters, none of them a control character (it becomes a header,
 #: ``webhook-id``, and a Redis key on the way out; a line break there would break both).
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256,
-                                      pattern=r"^[^\x00-\x1f\x7f]+$")]
+                                      pattern=r"\A[^\x00-\x1f\x7f]+\Z")]
 Code = Annotated[str, msgspec.Meta(max_length=128)]
 
 

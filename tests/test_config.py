@@ -480,3 +480,38 @@ def test_the_redis_preflight_names_each_problem_and_its_fix():
     assert any("maxmemory-policy is allkeys-lru" in p and "noeviction" in p for p in unsafe)
     assert problems({"redis_version": "7.0.15", "aof_enabled": 1,
                      "maxmemory_policy": "noeviction"}) == ([], [])
+
+
+# --- patterns are anchored at the very end (issue 19) -------------------------------------
+
+
+@pytest.mark.parametrize("text,path", [
+    (MINIMAL + 'subscribers:\n  - {name: "erp\\n", url: "http://a.example/", secret: x}\n',
+     "subscribers[0].name"),
+    (MINIMAL + 'subscribers:\n  - {name: erp, url: "http://a.example/", secret: x,\n'
+     '     headers: {"X-Token\\n": v}}\n', "subscribers[0].headers"),
+    ('redis:\n  prefix: "relay:\\n"\n' + MINIMAL, "redis.prefix"),
+    ('redis:\n  sentinel: {hosts: ["h1:26379\\n"], master: m}\n' + MINIMAL,
+     "redis.sentinel.hosts[0]"),
+    (MINIMAL + 'worker:\n  queue: "relay\\n"\n', "worker.queue"),
+])
+def test_a_trailing_newline_is_refused_in_names_headers_prefix_hosts_and_queue(tmp_path, text,
+                                                                              path):
+    """``$`` with ``re.match`` also matches before a final newline; a value read into
+    ``${VAR}`` from a file often ends with one."""
+    assert path in refused(tmp_path, text)
+
+
+def test_a_trailing_newline_read_from_the_environment_is_refused(tmp_path):
+    text = 'redis:\n  prefix: "${PREFIX}"\n' + MINIMAL
+    assert "redis.prefix" in refused(tmp_path, text, {"PREFIX": "relay:\n"})
+    assert load_config(write(tmp_path, text), {"PREFIX": "relay:"}).redis.prefix == "relay:"
+
+
+# --- admin.allowed_hosts ------------------------------------------------------------------
+
+
+# --- reload checks what will run ----------------------------------------------------------
+
+
+# --- Ingram's real traffic ----------------------------------------------------------------

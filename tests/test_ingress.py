@@ -698,3 +698,17 @@ def test_relay_ingress_subprocess_accepts_dedupes_and_stops_on_sigterm(
     assert SECRET not in text and sign_ingram(SECRET, event_id) not in text
     with pytest.raises(OSError):  # it stopped listening
         request(port, "GET", "/healthz")
+
+
+# --- issue 19: hostile event ids, readiness after a failed store, Ingram's big events ------
+
+
+def test_an_event_id_ending_in_a_newline_is_400_naming_event_id(ingress, redis_client):
+    """msgspec applies a ``pattern`` with ``re.search``: ``^...$`` let ``abc\\n`` through (202,
+    then every ``standard`` delivery failed on the header ``webhook-id``)."""
+    _, body = sample("order_shipped.json")
+    for event_id in ("abc\n", "abc\r\n", "\nabc"):
+        answer = post(ingress.port, with_id(body, json.dumps(event_id)[1:-1]), event_id=event_id)
+        assert answer.status == 400, (event_id, answer)
+        assert answer.json()["error"].startswith("invalid envelope: $.eventId:"), answer
+    assert_nothing_stored(redis_client)

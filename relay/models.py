@@ -131,6 +131,8 @@ def parse_envelope(body: bytes) -> Envelope:
         raise EnvelopeError(f"invalid envelope: {_with_path(str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise EnvelopeError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # the ingress measures depth first (relay/nesting.py); a backstop
+        raise EnvelopeError("$: JSON nested too deeply") from None
 
 
 def peek_event_id(body: bytes) -> str | None:
@@ -138,7 +140,7 @@ def peek_event_id(body: bytes) -> str | None:
     could be an eventId (at most 256 characters: an attacker's megabyte is not logged)."""
     try:
         event_id = _id_decoder.decode(body).eventId
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     return event_id if 0 < len(event_id) <= 256 else None
 

@@ -1,7 +1,8 @@
 """The aiohttp application: routes and the answer table of docs/contract.md ("Ingress").
 
 Order of checks, cheapest and least revealing first: media type (415), size (413), signature
-header present (401), JSON envelope (400, with the JSON path), signature valid (401), store
+header present (401), nesting depth (400: before anything parses the body, relay/nesting.py),
+JSON envelope (400, with the JSON path), signature valid (401), store
 (503 if Redis does not confirm), then 202 or 200 duplicate. A body that fails validation
 still has its signature checked first when it carries an eventId, so an unsigned caller
 learns nothing about the schema beyond "unauthorised".
@@ -26,6 +27,7 @@ from relay.ingress.store import EventStore, StoreUnavailable
 from relay.keys import Keys
 from relay.metrics import IngressMetrics
 from relay.models import StoredEvent, parse_envelope, peek_event_id
+from relay.nesting import TooDeep, check_depth
 from relay.reload import Reloader
 from relay.serve import json_answer, json_errors, serve
 from relay.signatures import INGRAM_HEADER, IngramSigner
@@ -133,6 +135,10 @@ class WebhookHandler:
             return self._reject(400, "bad_body", f"body could not be decoded "
                                 f"(Content-Encoding: {encoding[:40]!r})")
 
+        try:
+            check_depth(body)  # before anything parses it (msgspec recurses per level)
+        except TooDeep as exc:
+            return self._reject(400, "invalid", f"$: {exc}")
         signer = self._signer
         try:
             envelope = parse_envelope(body)

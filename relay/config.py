@@ -24,6 +24,7 @@ import msgspec
 import yaml
 
 from relay.errors import ConfigError
+from relay.hosts import split_host
 from relay.masking import mask_url
 
 DEFAULT_CONFIG_PATH = "config/relay.yaml"
@@ -163,6 +164,11 @@ class AdminSettings(_Strict, frozen=True):
     port: int = 8081
     #: Bearer token for every admin route but /healthz; required unless host is loopback.
     token: str = ""
+    #: Host names (``name`` for any port, or ``name:port``) the admin answers besides the
+    #: loopback names on its own port: the names it is reached by when not on loopback (a
+    #: DNS name, a proxy's name, a container's name). Any other ``Host`` gets 421, so a web
+    #: page whose name was re-pointed at the admin (DNS rebinding) cannot read it.
+    allowed_hosts: list[str] = []
 
 
 class AlertTarget(_Strict, frozen=True):
@@ -506,6 +512,10 @@ def _check_admin(admin: AdminSettings, fail: Any) -> None:
     if not admin.token and not is_loopback(admin.host):
         raise fail("admin.token", f"required when admin.host ({admin.host}) is not a loopback "
                    f"address: set it, e.g. token: ${{RELAY_ADMIN_TOKEN}}")
+    for i, entry in enumerate(admin.allowed_hosts):
+        if split_host(entry) is None:
+            raise fail(f"admin.allowed_hosts[{i}]", f"expected a host name or name:port as "
+                       f"browsers send it in Host (no scheme, path or '*'), got {entry[:100]!r}")
 
 
 def is_loopback(host: str) -> bool:

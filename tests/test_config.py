@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -509,6 +510,17 @@ def test_a_trailing_newline_read_from_the_environment_is_refused(tmp_path):
 
 
 # --- admin.allowed_hosts ------------------------------------------------------------------
+
+
+def test_admin_allowed_hosts_take_names_as_browsers_send_them_in_host(tmp_path):
+    names = ["relay-admin", "admin.example.com:9443", "10.0.0.5:8081", "[fd00::5]:8081"]
+    config = load_config(write(tmp_path, MINIMAL + f"admin:\n  allowed_hosts: {names}\n"), {})
+    assert config.admin.allowed_hosts == names
+    assert load_config(write(tmp_path, MINIMAL), {}).admin.allowed_hosts == []
+    for bad in ("https://admin.example", "admin.example/console", "*", "*.example.com",
+                "admin.example:99999", "admin example", "admin.example\n"):
+        message = refused(tmp_path, MINIMAL + f"admin:\n  allowed_hosts: [{json.dumps(bad)}]\n")
+        assert "admin.allowed_hosts[0]" in message, bad
 
 
 # --- reload checks what will run ----------------------------------------------------------

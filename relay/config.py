@@ -430,13 +430,9 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
         )
         _check_delivery(sub.timeout, sub.max_attempts, sub.backoff, where, fail)
         _check_health(sub.circuit_breaker, sub.disable_after, sub.rate_limit, where, fail)
-        horizon = retry_horizon(sub)
-        if raw.redis.retention < horizon:
-            raise fail("redis.retention", f"{_fmt(raw.redis.retention)} is shorter than the retry "
-                       f"horizon of {where} ({sub.name}): {_fmt(horizon)} for its "
-                       f"max_attempts {sub.max_attempts} with backoff.max "
-                       f"{_fmt(sub.backoff.max)} and timeout {_fmt(sub.timeout)}; raise "
-                       f"redis.retention or lower {where}.max_attempts / backoff.max")
+        problem = _horizon_problem(raw.redis.retention, sub, where)
+        if problem:
+            raise fail("redis.retention", problem)
         if sub.timeout + raw.worker.lease_grace > RECOVERY_PROMISE:
             warnings.append(
                 f"{where} ({sub.name}): timeout {_fmt(sub.timeout)} + worker.lease_grace "
@@ -577,6 +573,17 @@ def _check_standard_secret(secret: str, where: str, fail: Any) -> None:
         raise fail(where, f"the key after whsec_ must be 24-64 bytes, got {len(key)}")
 
 
+def _horizon_problem(retention: float, sub: Subscriber, where: str) -> str | None:
+    """Why ``retention`` cannot hold ``sub``'s records for as long as it may retry, if so."""
+    horizon = retry_horizon(sub)
+    if retention >= horizon:
+        return None
+    return (f"{_fmt(retention)} is shorter than the retry horizon of {where} ({sub.name}): "
+            f"{_fmt(horizon)} for its max_attempts {sub.max_attempts} with backoff.max "
+            f"{_fmt(sub.backoff.max)} and timeout {_fmt(sub.timeout)}; raise redis.retention "
+            f"or lower {where}.max_attempts / backoff.max")
+
+
 def retry_horizon(sub: Subscriber) -> float:
     """The longest a delivery can keep retrying: every attempt timing out, every backoff
     at its ceiling. Records must outlive it (``redis.retention``)."""
@@ -629,6 +636,31 @@ def live_part(old: Config, new: Config) -> Config:
         worker=msgspec.structs.replace(
             new.worker, pool=old.worker.pool, concurrency=old.worker.concurrency,
             queue=old.worker.queue, visibility_timeout=old.worker.visibility_timeout))
+
+
+def check_running(config: Config, admin_bound: str | None = None) -> None:
+    """Refuse (ConfigError) what a reload would run but a start would refuse.
+
+    ``config`` is what the process would actually run: the new file with every restart-only
+    key kept at its running value (``live_part``). A file is checked on its own values, so
+    rules that tie a reloadable key to a restart-only one are checked again here:
+
+    * every subscriber's retry horizon against the ``redis.retention`` that stays in force;
+    * ``admin.token`` against the address the admin is actually bound to (``admin_bound``,
+      e.g. ``--host 0.0.0.0``), not the file's ``admin.host``.
+    """
+
+    def fail(path: str, why: str) -> ConfigError:
+        return ConfigError(f"{config.source}: {path}: {why}")
+
+    for i, sub in enumerate(config.subscribers):
+        problem = _horizon_problem(config.redis.retention, sub, f"subscribers[{i}]")
+        if problem:
+            raise fail("redis.retention", f"the running value (it changes only with a "
+                       f"restart): {problem}")
+    if admin_bound is not None and not config.admin.token and not is_loopback(admin_bound):
+        raise fail("admin.token", f"required: this admin listens on {admin_bound}, not a "
+                   f"loopback address; a reload cannot remove the token")
 
 
 def _get(config: Config, dotted: str) -> Any:

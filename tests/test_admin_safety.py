@@ -352,3 +352,59 @@ def test_an_admin_request_body_nested_a_thousand_deep_is_400_naming_the_limit(hu
                             hub.admin_log.read_text().splitlines() if line.startswith("{"))
                 if e.get("level") == "error"]
 
+
+# -- a reload cannot open a public listener --------------------------------------------------
+
+
+def test_a_reload_cannot_remove_the_token_of_an_admin_bound_to_a_public_address(
+        redis_server: RedisServer, tmp_path: Path) -> None:
+    """Compose and deploy/ha run ``relay admin --host 0.0.0.0`` with the file's
+    ``admin.host: 127.0.0.1``: the token rule holds for the address bound, on reload too."""
+    import os
+    import signal
+
+    import yaml
+
+    port = free_port()
+    path = write_config(tmp_path / "relay.yaml", redis_server.url, [],
+                        redis={"prefix": PREFIX},
+                        admin={"host": "127.0.0.1", "port": port, "token": "t0ken"})
+    log = tmp_path / "admin.log"
+
+    def overview(host: str = f"127.0.0.1:{port}") -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        conn.request("GET", "/api/overview", headers={"Host": host})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    def entries() -> list[dict[str, Any]]:
+        return [msgspec.json.decode(line) for line in log.read_text().splitlines()
+                if line.startswith("{")]
+
+    def edit(change: Any) -> None:
+        doc = yaml.safe_load(path.read_text())
+        change(doc["admin"])
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    with process(relay_cmd("--config", str(path), "admin", "--host", "0.0.0.0"),
+                 log_path=log) as proc:
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        assert overview() == 401
+        edit(lambda admin: admin.update(token=""))
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(lambda: any("reload refused" in e["msg"] for e in entries()), 10,
+                   what="the reload refused")
+        refused = next(e for e in entries() if "reload refused" in e["msg"])
+        assert refused["level"] == "error"
+        assert "admin.token" in refused["error"] and "0.0.0.0" in refused["error"]
+        assert proc.poll() is None
+        assert overview() == 401  # the token stays
+
+        # A reload that keeps the token applies (here: a name the admin is reached by).
+        edit(lambda admin: admin.update(token="t0ken", allowed_hosts=["relay-admin"]))
+        assert overview("relay-admin:8081") == 421
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(lambda: overview("relay-admin:8081") == 401, 10,
+                   what="the new name answered (and still asked for the token)")
+

@@ -526,4 +526,38 @@ def test_admin_allowed_hosts_take_names_as_browsers_send_them_in_host(tmp_path):
 # --- reload checks what will run ----------------------------------------------------------
 
 
+def test_a_reload_whose_retry_horizon_the_kept_retention_cannot_hold_is_refused(
+        tmp_path, caplog):
+    """``redis.retention`` needs a restart: a reload keeps the running one. New
+    ``max_attempts`` / ``backoff`` must fit that one, not the file's new value."""
+    from relay.reload import Reloader
+
+    def text(retention: str, attempts: int) -> str:
+        return ("redis:\n  retention: " + retention + "\n" + MINIMAL +
+                "subscribers:\n  - {name: erp, url: 'http://a.example/', secret: x, "
+                f"max_attempts: {attempts}, timeout: 1s, backoff: {{initial: 1m, max: 1h}}}}\n")
+
+    path = write(tmp_path, text("2h", 2))
+    running = load_config(path, {})
+    applied: list = []
+    reloader = Reloader(running, applied.append, "test")
+    # Valid on its own (30 d holds 20 attempts an hour apart), but the running 2 h does not.
+    path.write_text(text("30d", 20))
+    load_config(path, {})
+    with caplog.at_level("INFO", logger="relay.reload"):
+        assert reloader.reload() is False
+    assert applied == [] and reloader.current is running
+    error = next(r for r in caplog.records if "reload refused" in r.getMessage())
+    assert error.levelname == "ERROR"
+    assert "redis.retention" in error.error and "2h" in error.error
+    assert "subscribers[0] (erp)" in error.error and "restart" in error.error
+    # What fits the running retention applies (and the new retention is "restart required").
+    path.write_text(text("30d", 3))
+    with caplog.at_level("INFO", logger="relay.reload"):
+        assert reloader.reload() is True
+    assert applied[-1].subscribers[0].max_attempts == 3
+    assert applied[-1].redis.retention == 7200
+    assert any(getattr(r, "keys", None) == ["redis.retention"] for r in caplog.records)
+
+
 # --- Ingram's real traffic ----------------------------------------------------------------

@@ -394,7 +394,7 @@ def run_admin(config: Config, host: str | None = None, port: int | None = None) 
     bind_host = host or config.admin.host
     bind_port = port or config.admin.port
     app = create_app(config)
-    reloader = Reloader(config, app[ADMIN].apply, "admin")
+    reloader = Reloader(config, app[ADMIN].apply, "admin", admin_bound=bind_host)
     log.info("admin listening", extra={"url": f"http://{bind_host}:{bind_port}/",
                                        "token": bool(config.admin.token)})
     asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload))

@@ -112,7 +112,8 @@ class Engine:
         self.lanes = Lanes()
         self._apply(self.config)
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, enable_cleanup_closed=True)
-        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                              cookie_jar=aiohttp.DummyCookieJar())
         self._background = [asyncio.create_task(self.leases.run()),
                             asyncio.create_task(self.alerts.run(self._session)),
                             asyncio.create_task(self._note_known()),

@@ -712,3 +712,34 @@ def test_an_event_id_ending_in_a_newline_is_400_naming_event_id(ingress, redis_c
         assert answer.status == 400, (event_id, answer)
         assert answer.json()["error"].startswith("invalid envelope: $.eventId:"), answer
     assert_nothing_stored(redis_client)
+
+
+def test_readyz_is_503_right_after_a_store_failed(ingress, redis_client):
+    """The ingress just answered 503 for an event: a load balancer asking now must not be
+    told "ready" from the 1 s cache."""
+    _, body = sample("order_shipped.json")
+    assert request(ingress.port, "GET", "/readyz").status == 200  # cached for a second
+    redis_client.config_set("maxmemory", "1")  # every write is refused (OOM)
+    try:
+        assert post(ingress.port, with_id(body, "READY1")).status == 503
+        answer = request(ingress.port, "GET", "/readyz")
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert answer.status == 503, answer
+    assert "Retry-After" in answer.headers and answer.json()["error"]
+
+
+def test_readyz_is_200_right_after_an_event_was_stored(ingress, redis_client):
+    """Redis refused writes (the probe's "not ready" is cached for a second), then takes
+    them again: the first event stored makes /readyz answer 200 at once."""
+    _, body = sample("order_shipped.json")
+    redis_client.config_set("maxmemory", "1")
+    try:
+        # The first 503 seen is the probe's fresh answer (polled every 20 ms).
+        wait_until(lambda: request(ingress.port, "GET", "/readyz").status == 503, 5,
+                   what="/readyz 503")
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert post(ingress.port, with_id(body, "READY2")).status == 202
+    answer = request(ingress.port, "GET", "/readyz")
+    assert answer.status == 200, answer

@@ -69,9 +69,11 @@ class _TooLarge(Exception):
 class WebhookHandler:
     """Handles every webhook route; ``targeturl`` is never read: callers don't pick targets."""
 
-    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics) -> None:
+    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics,
+                 probe: ReadinessProbe | None = None) -> None:
         self._store = store
         self._metrics = metrics
+        self._probe = probe
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -164,9 +166,13 @@ class WebhookHandler:
             is_new = await self._store.accept(record)
         except StoreUnavailable:
             # The store logged the Redis error with the eventId; the caller is not told it.
+            if self._probe is not None:
+                self._probe.failed("an event could not be stored just now")
             return self._reject(503, "unavailable", "event not stored: storage unavailable, "
                                 f"retry after {RETRY_AFTER_SECONDS}s",
                                 headers={"Retry-After": RETRY_AFTER_SECONDS}, event_id=event_id)
+        if self._probe is not None:
+            self._probe.succeeded()
         if not is_new:
             self._metrics.duplicates.inc()
             log.info("duplicate", extra={"eventId": event_id})
@@ -218,7 +224,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     app[PROBE] = ReadinessProbe(redis_client(config, max_connections=2), keys.ready_probe,
                                 min_replicas=config.redis.min_replicas,
                                 replica_timeout=config.redis.min_replicas_timeout)
-    app[HANDLER] = WebhookHandler(config, store, app[METRICS])
+    app[HANDLER] = WebhookHandler(config, store, app[METRICS], app[PROBE])
     for path in WEBHOOK_ROUTES:
         app.router.add_post(path, app[HANDLER].__call__)  # a coroutine function, as aiohttp expects
     app.router.add_get("/healthz", healthz)

@@ -1,6 +1,7 @@
 """Recording sinks: ``python -m bench.sink --port P``, an aiohttp server in its own process.
 
-Every POST (any path) is answered 200 and counted, with its receive time; while recording is
+Every POST (any path) is answered 200 and counted, with its receive time (after ``?delay=S``
+seconds, if the subscriber's URL asks for it: a slow subscriber); while recording is
 on (``POST /_record?on=1``) the event id and path of each receipt are kept too, for latency.
 Control, all on the same port: ``GET /_stats`` (count, distinct (eventId, path) pairs, first
 and last receive time, count per path), ``GET /_receipts`` (the recorded
@@ -10,6 +11,7 @@ and last receive time, count per path), ``GET /_receipts`` (the recorded
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from collections import Counter
 
@@ -49,6 +51,9 @@ def create_app() -> web.Application:
         rec.seen.add(hash((eid, request.path)))
         if rec.recording:
             rec.receipts.append((eid, request.path, now))
+        delay = request.query.get("delay")
+        if delay:
+            await asyncio.sleep(float(delay))
         return web.Response(text="ok")
 
     async def stats(request: web.Request) -> web.Response:

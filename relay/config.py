@@ -122,7 +122,8 @@ class RedisSettings(_Strict, frozen=True):
 
 class IngressSettings(_Strict, frozen=True):
     secrets: list[str]
-    max_body_bytes: int = 1_048_576
+    #: Ingram splits stock updates at 4,000 SKUs per event: up to ~1.7 MB indented.
+    max_body_bytes: int = 4_194_304
     dedupe_window: Duration = Duration(7 * 86400)
     #: A body must arrive within this long (bounds slow-drip senders).
     read_timeout: Duration = Duration(10)

@@ -561,3 +561,12 @@ def test_a_reload_whose_retry_horizon_the_kept_retention_cannot_hold_is_refused(
 
 
 # --- Ingram's real traffic ----------------------------------------------------------------
+
+
+def test_the_default_body_limit_admits_a_4000_sku_stock_update(tmp_path):
+    from bench.events import stock_update
+
+    body = stock_update("STOCK4000", skus=4000)
+    assert len(body) > 1_600_000
+    assert load_config(write(tmp_path, MINIMAL), {}).ingress.max_body_bytes == 4 * 1024 * 1024
+    assert len(body) <= 4 * 1024 * 1024

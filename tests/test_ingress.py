@@ -743,3 +743,29 @@ def test_readyz_is_200_right_after_an_event_was_stored(ingress, redis_client):
     assert post(ingress.port, with_id(body, "READY2")).status == 202
     answer = request(ingress.port, "GET", "/readyz")
     assert answer.status == 200, answer
+
+
+def test_a_4000_sku_stock_update_is_accepted_by_default_and_delivered_byte_exact(
+        tmp_path, redis_server, redis_client):
+    """Ingram splits stock updates at 4,000 SKUs: ~1.7 MB indented. The default
+    ``ingress.max_body_bytes`` (4 MiB) admits it; the subscriber gets the exact bytes."""
+    from bench.events import stock_update
+    from tests.hub import Sink, worker
+    from tests.hub import ingress as run_ingress
+    from tests.hub import post as signed_post
+    from tests.hub import write_config as hub_config
+
+    body = stock_update("STOCK4000SKUS", skus=4000)
+    assert 1_600_000 < len(body) < 4 * 1024 * 1024
+    sink = Sink().start()
+    try:
+        path = hub_config(tmp_path / "relay.yaml", redis_server.url, [
+            {"name": "erp", "url": sink.url("/erp"), "secret": "s"}])
+        with worker(path, tmp_path / "worker.log"), \
+                run_ingress(path, tmp_path / "ingress.log") as url:
+            status, answer = signed_post(url, body)
+            assert (status, answer) == (202, {"eventId": "STOCK4000SKUS", "status": "accepted"})
+            (got,) = sink.wait_for("/erp", 1, timeout=60)
+        assert got.body == body
+    finally:
+        sink.stop()

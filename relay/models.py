@@ -154,8 +154,9 @@ def _with_path(message: str) -> str:
     return f"{path}: {what}" if sep else f"$: {message}"
 
 
-class StoredEvent(msgspec.Struct, array_like=True, frozen=True):
-    """What the ingress stores per event and the workers read: msgpack under ``event:{id}``."""
+class StoredEvent(msgspec.Struct, array_like=True, frozen=True, weakref=True):
+    """What the ingress stores per event and the workers read: msgpack under ``event:{id}``.
+    ``weakref``: a worker shares one in-memory copy among the subscribers it posts it to."""
 
     event_id: str
     topic: str

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -459,6 +460,46 @@ def test_a_set_cookie_from_one_subscriber_is_never_sent_back_to_any(
         sink.wait_for("/b", 2)
     for got in sink.on("/a") + sink.on("/b"):
         assert not any(name.lower() == "cookie" for name, _ in got.raw_headers), got.raw_headers
+
+
+def test_a_worker_holds_one_copy_of_an_event_for_every_subscriber_it_posts_it_to(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Ingram's stock updates are 1.7 MB. Attempts parked while a subscriber held its share
+    are pulled back per subscriber, each pull loading the records again: three lanes held
+    three copies of each pulled event (ten at fan-out 10). One copy, shared, now."""
+    from relay.config import load_config
+    from tests.hub import enqueue_event
+    from workers.engine import Engine
+
+    names = ["s0", "s1", "s2"]
+    for name in names:
+        sink.behave(f"/{name}", lambda n: Reply(200, delay=2.0))
+    # Each subscriber holds 4 attempts (2 posted at once, 2 waiting); the rest are parked.
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": n, "url": sink.url(f"/{n}"), "secret": "s"} for n in names],
+        worker={"max_in_flight": 12, "max_connections": 6})
+    ids = [enqueue_event(redis_client, event_body(f"EVSHARE{i}")) for i in range(6)]
+    pulled = {"EVSHARE4", "EVSHARE5"}
+    engine = Engine(load_config(config))
+    try:
+        engine.start(ids, None, 1)
+
+        async def waiting() -> dict[str, list[Any]]:  # read on the engine's own loop
+            return {n: [item[0] for item in engine.lanes[n].waiting
+                        if item[0].event_id in pulled] for n in names}
+
+        def all_pulled() -> dict[str, list[Any]] | None:
+            held = engine._call(waiting())
+            return held if all(len(events) == 2 for events in held.values()) else None
+
+        held = wait_until(all_pulled, 15, what="every lane holding the pulled-back attempts")
+        for event_id in pulled:
+            copies = {id(e) for events in held.values() for e in events if e.event_id == event_id}
+            assert len(copies) == 1, f"{event_id}: {len(copies)} copies in memory"
+    finally:
+        engine.drain(15)
+    for name in names:
+        assert sorted(r.event_id for r in sink.on(f"/{name}")) == sorted(ids)
 
 
 # -- 10. the repository stands alone --------------------------------------------------------

@@ -1,6 +1,10 @@
-"""Signed, valid, distinct events as Ingram Micro sends them (an order-shipped, ~870 bytes)."""
+"""Signed, valid, distinct events as Ingram Micro sends them: an order-shipped (~870 bytes),
+and a stock update of up to 4,000 SKUs (~1.7 MB)."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import msgspec
 
@@ -64,3 +68,23 @@ _id_decoder = msgspec.json.Decoder(_IdOnly)
 
 def id_of(body: bytes) -> str:
     return _id_decoder.decode(body).eventId
+
+
+_STOCK_SAMPLE = (Path(__file__).resolve().parent.parent / "tests" / "shared" / "samples"
+                 / "stock_update.json")
+
+
+def stock_update(eid: str, skus: int = 4000, indent: int | None = 2) -> bytes:
+    """A stock update as Ingram splits them: ``skus`` resource items (4,000 per event at
+    most), each the sample's item with its own part numbers. 4,000 SKUs: ~1.13 MB compact,
+    ~1.7 MB indented by 2 (``indent=None`` for compact)."""
+    doc = json.loads(_STOCK_SAMPLE.read_text())
+    item = doc["resource"][0]
+    doc["eventId"] = eid
+    doc["resource"] = [
+        {**item, "ingramPartNumber": f"{n:06d}", "vendorPartNumber": f"VP-{n:08d}-NA",
+         "totalAvailability": str(n % 500),
+         "links": [{**item["links"][0], "href": f"/resellers/v6/catalog/details/{n:06d}"}]}
+        for n in range(skus)]
+    text = json.dumps(doc, indent=indent) if indent else json.dumps(doc, separators=(",", ":"))
+    return text.encode()

@@ -547,6 +547,25 @@ def stress_text(r: dict[str, Any]) -> str:
             f"{st['cpus']} CPU worker(s), each busy {st['cpu_load_percent']}% of the time)")
 
 
+def big_events_markdown(r: dict[str, Any]) -> str:
+    """The ``bigevents`` phase: the worker's RSS against one copy of every body."""
+    big = r.get("bigevents")
+    if not big:
+        return ""
+    size = big["event_bytes"] / 1e6
+    lines = ["", "### Big events (stock updates of "
+             f"{big['skus']:,} SKUs, {size:.2f} MB, fan-out {big['fanout']})", "",
+             "| variant | worker RSS before | peak | growth | x all bodies | held after the "
+             "fan-out (bodies) | deliveries |", "|---|---|---|---|---|---|---|"]
+    for name, v in big["variants"].items():
+        lines.append(
+            f"| {name} (max_in_flight {v['max_in_flight']}, sink {v['sink_delay_s']:g} s) "
+            f"| {v['baseline_kb'] / 1024:.0f} MB | {v['peak_kb'] / 1024:.0f} MB "
+            f"| +{v['growth_kb'] / 1024:.0f} MB | {v['copies_held']:.2f} "
+            f"| {v['pulled_copies_held']:.1f} | {v['received']} |")
+    return "\n".join(lines)
+
+
 def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     m = r.get("meta", {})
     redis = m.get("redis", {})
@@ -573,7 +592,7 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
     lines += [part for part in (redis_markdown(r), steady_markdown(r),
-                                _steady_profile_markdown(r)) if part]
+                                _steady_profile_markdown(r), big_events_markdown(r)) if part]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))

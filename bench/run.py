@@ -11,7 +11,10 @@ other work on a shared 2-core box makes absolute numbers noisy:
 4. end to end at fan-out 1, 10 and 50: first POST to the ingress to last delivery received;
 5. latency ingress-202 -> sink-received, open-loop at half the end-to-end rate found in 4;
 6. RSS of the ingress and the worker (every process of each tree), sampled throughout, and a
-   long run (``--long N`` deliveries) comparing the first and last quarter of it.
+   long run (``--long N`` deliveries) comparing the first and last quarter of it;
+7. ``bigevents``: Ingram's largest events (4,000-SKU stock updates, ~1.7 MB) at fan-out 10:
+   how much the worker's RSS grows per event held, delivered at once and through parked
+   attempts (a worker must hold one copy of an event, not one per subscriber).
 
 Everything runs as separate processes on 127.0.0.1 with a private redis-server; nothing here
 touches the shared Redis on 6379. ``--smoke`` does all of it with tiny counts in seconds.
@@ -58,7 +61,7 @@ FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
 PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "ordering",
-          "long")
+          "long", "bigevents")
 #: The obvious design is compared with the hub at this fan-out.
 OBVIOUS_FANOUT = 10
 
@@ -86,6 +89,12 @@ class Plan:
         #: The obvious design (bench/obvious/): events at fan-out 10, warm-up events.
         self.obvious_events = 5 if smoke else 400
         self.obvious_warmup = 2 if smoke else 10
+        #: Big events (4,000-SKU stock updates) posted at once, and their SKUs.
+        self.big_events = 2 if smoke else 20
+        self.big_skus = 400 if smoke else 4000
+        #: How long the sinks take per big event in the parked variant (pulled attempts are
+        #: held that long, so what they hold shows in the RSS).
+        self.big_delay = 0.1 if smoke else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -834,6 +843,100 @@ class Bench:
         finally:
             self.stop_worker(name, worker)
 
+    def big_events_phase(self) -> None:
+        """Ingram's largest events at fan-out 10, posted at once: the worker tree's RSS growth
+        against one copy of each body. ``direct``: the default worker (every attempt launched
+        from the one fan-out load); ``parked``: ``max_in_flight`` 20, so each subscriber holds
+        2 and the rest are parked and pulled back (a load per pulled batch)."""
+        assert self.ingress is not None and self.sinks is not None and self.redis is not None
+        from bench.events import stock_update
+
+        fanout, n = 10, self.plan.big_events
+        bodies = [stock_update(f"big-{i:03d}", skus=self.plan.big_skus) for i in range(n)]
+        size = sum(len(b) for b in bodies)
+        out: dict[str, Any] = {"fanout": fanout, "events": n, "skus": self.plan.big_skus,
+                               "event_bytes": len(bodies[0]), "variants": {}}
+        self.say(f"big events: {n} x {len(bodies[0]) / 1e6:.2f} MB at fan-out {fanout}")
+        for variant, max_in_flight, delay in (("direct", self.args.max_in_flight, 0.0),
+                                              ("parked", 20, self.plan.big_delay)):
+            settings = {**self.worker_settings, "max_in_flight": max_in_flight}
+            name = f"worker-big-{variant}"
+            urls = [self.sinks.url(i) + (f"?delay={delay}" if delay else "")
+                    for i in range(fanout)]
+            cfg = write_config(self.log_dir / f"{name}.yaml", self.redis.url, self.ingress.port,
+                               urls, settings, self.ingress_settings)
+            worker = Worker(name, cfg, self.log_dir)
+            self.sampler.watch(name, worker.pid)
+            try:
+                worker.warm_up(self.ingress, self.sinks, fanout, f"warm-{name}-",
+                               self.plan.warmup)
+                out["variants"][variant] = self._big_run(name, worker, bodies, fanout)
+            finally:
+                self.sampler.unwatch(name)
+                worker.stop()
+                self.flush()
+            got = out["variants"][variant]
+            got["max_in_flight"] = max_in_flight
+            got["sink_delay_s"] = delay
+            got["copies_held"] = round(got["growth_kb"] * 1024 / size, 2)
+            # After the fan-out's own load (every event once), what the lanes hold: parked
+            # attempts pulled back, each subscriber holding 2 at a time.
+            got["pulled_copies_held"] = round(got["pulled_growth_kb"] * 1024 / len(bodies[0]),
+                                              1)
+            if got["received"] < n * fanout:
+                self.failures.append(f"big events ({variant}): {got['received']} of "
+                                     f"{n * fanout} deliveries received")
+            self.say(f"big events ({variant}): worker RSS {got['baseline_kb'] / 1024:.0f} MB "
+                     f"-> peak {got['peak_kb'] / 1024:.0f} MB (+{got['growth_kb'] / 1024:.0f} "
+                     f"MB: {got['copies_held']:.2f} x the {size / 1e6:.0f} MB of bodies)")
+        self.results["bigevents"] = out
+
+    def _big_run(self, role: str, worker: Worker, bodies: list[bytes], fanout: int
+                 ) -> dict[str, Any]:
+        """Post ``bodies`` at once; the worker tree's RSS before, at its peak and after."""
+        import concurrent.futures
+        import urllib.request
+
+        from bench.events import INGRESS_SECRET, id_of
+        from bench.procs import descendants, mem_kb
+        from relay.signatures import sign_ingram
+
+        assert self.ingress is not None and self.sinks is not None
+        time.sleep(1.0)
+        pids = descendants(worker.pid)
+        base = {p: mem_kb(p)[0] for p in pids}
+        self.sinks.reset()
+
+        url = self.ingress.url
+
+        def post(body: bytes) -> int:
+            req = urllib.request.Request(url, data=body, method="POST", headers={
+                "Content-Type": "application/json",
+                "X-Hub-Signature": sign_ingram(INGRESS_SECRET, id_of(body))})
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                return int(resp.status)
+
+        t0 = time.time()
+        with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+            statuses = list(pool.map(post, bodies))
+        t_stored = time.time()
+        stats = self.sinks.wait_count(len(bodies) * fanout, 300.0)
+        t1 = time.time()
+        time.sleep(2.0)
+        after = sum(mem_kb(p)[0] for p in pids)
+        peak_sum = max(self.sampler.window(role, t0, t1) or [0])
+        # The kernel's own peak per process (between samples too), over its RSS before.
+        growth = sum(max(0, mem_kb(p)[1] - base[p]) for p in pids)
+        # Once every event is stored and fanned out (plus 2 s), lanes hold only what they
+        # pulled back: the mean RSS over that window, above the baseline.
+        pulled = self.sampler.window(role, t_stored + 2.0, t1)
+        return {"accepted": statuses.count(202), "received": stats["distinct"],
+                "seconds": round(stats["last"] - t0, 2), "processes": len(pids),
+                "baseline_kb": sum(base.values()), "peak_kb": max(peak_sum, sum(base.values())),
+                "growth_kb": growth, "after_kb": after,
+                "pulled_growth_kb": round(sum(pulled) / len(pulled)) - sum(base.values())
+                if pulled else 0}
+
     # -- profiles ---------------------------------------------------------------------------
 
     def profile_ingress(self) -> None:
@@ -938,6 +1041,8 @@ class Bench:
                                                     self.worker_settings, self.say).run()
             if "long" in phases:
                 self.long_run()
+            if "bigevents" in phases:
+                self.big_events_phase()
         finally:
             stressed_throughout = self.stress is None or self.stress.alive()
             self.sampler.sample()

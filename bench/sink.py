@@ -1,6 +1,7 @@
 """Recording sinks: ``python -m bench.sink --port P``, an aiohttp server in its own process.
 
-Every POST (any path) is answered 200 and counted, with its receive time; while recording is
+Every POST (any path) is answered 200 and counted, with its receive time (after ``?delay=S``
+seconds, if the subscriber's URL asks for it: a slow subscriber); while recording is
 on (``POST /_record?on=1``) the event id and path of each receipt are kept too, for latency.
 Control, all on the same port: ``GET /_stats`` (count, distinct (eventId, path) pairs, first
 and last receive time, count per path), ``GET /_receipts`` (the recorded
@@ -58,6 +59,8 @@ def create_app() -> web.Application:
         if delay is not None:
             await asyncio.sleep(delay)
             rec.answers.append((eid, request.path, now, time.time()))
+        elif "delay" in request.query:  # a subscriber URL's own ?delay=s (slow subscribers)
+            await asyncio.sleep(float(request.query["delay"]))
         return web.Response(text="ok")
 
     async def set_delay(request: web.Request) -> web.Response:

@@ -24,6 +24,7 @@ import msgspec
 import yaml
 
 from relay.errors import ConfigError
+from relay.hosts import split_host
 from relay.masking import mask_url
 
 DEFAULT_CONFIG_PATH = "config/relay.yaml"
@@ -38,7 +39,7 @@ class Duration(float):
     """A number of seconds, written in YAML as ``500ms``, ``10s``, ``5m``, ``2h`` or ``7d``."""
 
     _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+    _PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*")
 
     @classmethod
     def parse(cls, value: object) -> Duration:
@@ -47,7 +48,7 @@ class Duration(float):
         if isinstance(value, int | float):
             return cls(value)
         if isinstance(value, str):
-            match = cls._PATTERN.match(value)
+            match = cls._PATTERN.fullmatch(value)
             if match:
                 return cls(float(match.group(1)) * cls._UNITS[match.group(2)])
         raise ValueError(f"expected a duration such as 500ms, 10s, 5m, 2h or 7d, got {value!r}")
@@ -56,12 +57,12 @@ class Duration(float):
 class Rate(float):
     """Attempts per second, written in YAML as ``50/s`` or ``120/m``."""
 
-    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*$")
+    _PATTERN = re.compile(r"\s*(\d+(?:\.\d+)?)\s*/\s*(s|m)\s*")
 
     @classmethod
     def parse(cls, value: object) -> Rate:
         if isinstance(value, str):
-            match = cls._PATTERN.match(value)
+            match = cls._PATTERN.fullmatch(value)
             if match:
                 per = 1.0 if match.group(2) == "s" else 60.0
                 return cls(float(match.group(1)) / per)
@@ -133,7 +134,8 @@ class RedisSettings(_Strict, frozen=True):
 
 class IngressSettings(_Strict, frozen=True):
     secrets: list[str]
-    max_body_bytes: int = 1_048_576
+    #: Ingram splits stock updates at 4,000 SKUs per event: up to ~1.7 MB indented.
+    max_body_bytes: int = 4_194_304
     dedupe_window: Duration = Duration(7 * 86400)
     #: A body must arrive within this long (bounds slow-drip senders).
     read_timeout: Duration = Duration(10)
@@ -175,6 +177,11 @@ class AdminSettings(_Strict, frozen=True):
     port: int = 8081
     #: Bearer token for every admin route but /healthz; required unless host is loopback.
     token: str = ""
+    #: Host names (``name`` for any port, or ``name:port``) the admin answers besides the
+    #: loopback names on its own port: the names it is reached by when not on loopback (a
+    #: DNS name, a proxy's name, a container's name). Any other ``Host`` gets 421, so a web
+    #: page whose name was re-pointed at the admin (DNS rebinding) cannot read it.
+    allowed_hosts: list[str] = []
 
 
 class AlertTarget(_Strict, frozen=True):
@@ -379,8 +386,13 @@ def _describe(message: str) -> str:
     return f"{path or '(top level)'}: {what}"
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 token
+# Every pattern below is applied with ``fullmatch``: with ``match``, ``$`` also matches before a
+# trailing newline, so ``"erp\n"`` (a value read into ${VAR} from a file) would pass.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 token
+_PREFIX = re.compile(r"[^\s]{1,64}")
+_SENTINEL_HOST = re.compile(r"[^\s:]+:\d{1,5}")
+_QUEUE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")           # HTAB is allowed in values
 #: Headers the HTTP client must own: a subscriber setting them would corrupt the request.
 _FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
@@ -413,7 +425,7 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
     subscribers = []
     for i, spec in enumerate(raw.subscribers):
         where = f"subscribers[{i}]"
-        if not _NAME.match(spec.name):
+        if not _NAME.fullmatch(spec.name):
             raise fail(f"{where}.name", "use 1-64 letters, digits, '.', '_' or '-'")
         if spec.name in seen:
             raise fail(f"{where}.name", f"duplicate subscriber name {spec.name!r}")
@@ -439,13 +451,9 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
                        "skip or block), or false to turn it off")
         _check_delivery(sub.timeout, sub.max_attempts, sub.backoff, where, fail)
         _check_health(sub.circuit_breaker, sub.disable_after, sub.rate_limit, where, fail)
-        horizon = retry_horizon(sub)
-        if raw.redis.retention < horizon:
-            raise fail("redis.retention", f"{_fmt(raw.redis.retention)} is shorter than the retry "
-                       f"horizon of {where} ({sub.name}): {_fmt(horizon)} for its "
-                       f"max_attempts {sub.max_attempts} with backoff.max "
-                       f"{_fmt(sub.backoff.max)} and timeout {_fmt(sub.timeout)}; raise "
-                       f"redis.retention or lower {where}.max_attempts / backoff.max")
+        problem = _horizon_problem(raw.redis.retention, sub, where)
+        if problem:
+            raise fail("redis.retention", problem)
         if sub.timeout + raw.worker.lease_grace > RECOVERY_PROMISE:
             warnings.append(
                 f"{where} ({sub.name}): timeout {_fmt(sub.timeout)} + worker.lease_grace "
@@ -480,7 +488,7 @@ def _check_redis(settings: RedisSettings, fail: Any) -> None:
                    f"{mask_url(settings.url)!r}")
     if settings.retention < 1:
         raise fail("redis.retention", "must be at least 1s")
-    if not re.match(r"^[^\s]{1,64}$", settings.prefix):
+    if not _PREFIX.fullmatch(settings.prefix):
         raise fail("redis.prefix", "use 1-64 characters without spaces")
     if settings.min_replicas < 0:
         raise fail("redis.min_replicas", "must be 0 or more")
@@ -490,14 +498,14 @@ def _check_redis(settings: RedisSettings, fail: Any) -> None:
         if not settings.sentinel.hosts:
             raise fail("redis.sentinel.hosts", "at least one host:port is required")
         for j, host in enumerate(settings.sentinel.hosts):
-            if not re.match(r"^[^\s:]+:\d{1,5}$", host):
+            if not _SENTINEL_HOST.fullmatch(host):
                 raise fail(f"redis.sentinel.hosts[{j}]", f"expected host:port, got {host!r}")
         if not settings.sentinel.master:
             raise fail("redis.sentinel.master", "must not be empty")
 
 
 def _check_worker(worker: WorkerSettings, fail: Any) -> None:
-    if not re.match(r"^[A-Za-z0-9_.:-]{1,64}$", worker.queue):
+    if not _QUEUE.fullmatch(worker.queue):
         raise fail("worker.queue", "use 1-64 letters, digits, '.', ':', '_' or '-'")
     if worker.concurrency < 1:
         raise fail("worker.concurrency", "must be at least 1")
@@ -521,6 +529,10 @@ def _check_admin(admin: AdminSettings, fail: Any) -> None:
     if not admin.token and not is_loopback(admin.host):
         raise fail("admin.token", f"required when admin.host ({admin.host}) is not a loopback "
                    f"address: set it, e.g. token: ${{RELAY_ADMIN_TOKEN}}")
+    for i, entry in enumerate(admin.allowed_hosts):
+        if split_host(entry) is None:
+            raise fail(f"admin.allowed_hosts[{i}]", f"expected a host name or name:port as "
+                       f"browsers send it in Host (no scheme, path or '*'), got {entry[:100]!r}")
 
 
 def is_loopback(host: str) -> bool:
@@ -536,7 +548,7 @@ def _check_endpoint(url: str, secret: str, signature: str, headers: dict[str, st
     if signature in ("standard", "both"):
         _check_standard_secret(secret, f"{where}.secret", fail)
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name):
+        if not _HEADER_NAME.fullmatch(name):
             raise fail(f"{where}.headers", f"{name!r} is not a valid header name")
         if name.lower() in _FORBIDDEN_HEADERS:
             raise fail(f"{where}.headers.{name}", "set by the hub's HTTP client; remove it")
@@ -580,6 +592,17 @@ def _check_standard_secret(secret: str, where: str, fail: Any) -> None:
         raise fail(where, "the part after whsec_ is not valid base64") from exc
     if not 24 <= len(key) <= 64:
         raise fail(where, f"the key after whsec_ must be 24-64 bytes, got {len(key)}")
+
+
+def _horizon_problem(retention: float, sub: Subscriber, where: str) -> str | None:
+    """Why ``retention`` cannot hold ``sub``'s records for as long as it may retry, if so."""
+    horizon = retry_horizon(sub)
+    if retention >= horizon:
+        return None
+    return (f"{_fmt(retention)} is shorter than the retry horizon of {where} ({sub.name}): "
+            f"{_fmt(horizon)} for its max_attempts {sub.max_attempts} with backoff.max "
+            f"{_fmt(sub.backoff.max)} and timeout {_fmt(sub.timeout)}; raise redis.retention "
+            f"or lower {where}.max_attempts / backoff.max")
 
 
 def retry_horizon(sub: Subscriber) -> float:
@@ -634,6 +657,31 @@ def live_part(old: Config, new: Config) -> Config:
         worker=msgspec.structs.replace(
             new.worker, pool=old.worker.pool, concurrency=old.worker.concurrency,
             queue=old.worker.queue, visibility_timeout=old.worker.visibility_timeout))
+
+
+def check_running(config: Config, admin_bound: str | None = None) -> None:
+    """Refuse (ConfigError) what a reload would run but a start would refuse.
+
+    ``config`` is what the process would actually run: the new file with every restart-only
+    key kept at its running value (``live_part``). A file is checked on its own values, so
+    rules that tie a reloadable key to a restart-only one are checked again here:
+
+    * every subscriber's retry horizon against the ``redis.retention`` that stays in force;
+    * ``admin.token`` against the address the admin is actually bound to (``admin_bound``,
+      e.g. ``--host 0.0.0.0``), not the file's ``admin.host``.
+    """
+
+    def fail(path: str, why: str) -> ConfigError:
+        return ConfigError(f"{config.source}: {path}: {why}")
+
+    for i, sub in enumerate(config.subscribers):
+        problem = _horizon_problem(config.redis.retention, sub, f"subscribers[{i}]")
+        if problem:
+            raise fail("redis.retention", f"the running value (it changes only with a "
+                       f"restart): {problem}")
+    if admin_bound is not None and not config.admin.token and not is_loopback(admin_bound):
+        raise fail("admin.token", f"required: this admin listens on {admin_bound}, not a "
+                   f"loopback address; a reload cannot remove the token")
 
 
 def _get(config: Config, dotted: str) -> Any:

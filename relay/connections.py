@@ -157,6 +157,29 @@ def problems(info: dict[str, Any]) -> tuple[list[str], list[str]]:
     return fatal, unsafe
 
 
+def fsync_risk(appendfsync: str) -> str | None:
+    """What a host crash (power, kernel panic) costs with this ``appendfsync``; None for
+    ``always``. Not refused: many run ``everysec`` knowingly; the operator is told once."""
+    if appendfsync == "always":
+        return None
+    if appendfsync == "everysec":
+        lost = "up to about a second of events"
+    else:
+        lost = "every event the operating system had not yet written (often up to 30 s)"
+    return (f"appendfsync is {appendfsync}: a crash of the Redis host loses {lost} that the "
+            f"ingress already answered 202; set 'appendfsync always' for a 202 that survives "
+            f"it (docs/reliability.md)")
+
+
+def _appendfsync(client: redis.Redis) -> str | None:
+    """Redis's ``appendfsync``, or None where ``CONFIG`` is not allowed (managed Redis)."""
+    try:
+        value = client.config_get("appendfsync").get("appendfsync")
+    except (redis.RedisError, OSError):
+        return None
+    return text(value) if value is not None else None
+
+
 def preflight(settings: RedisSettings, client: redis.Redis, who: str) -> None:
     """Refuse (PreflightError) a Redis on which the hub cannot keep its promises.
 
@@ -180,6 +203,13 @@ def preflight(settings: RedisSettings, client: redis.Redis, who: str) -> None:
     for problem in unsafe:
         log.warning("unsafe redis (allowed by redis.allow_unsafe)",
                     extra={"who": who, "redis": where, "problem": problem})
+    if int(info.get("aof_enabled", 0)) == 1:
+        fsync = _appendfsync(client)
+        risk = fsync_risk(fsync) if fsync is not None else None
+        if risk:
+            log.warning("redis fsyncs its append-only file lazily: a host crash loses "
+                        "accepted events", extra={"who": who, "redis": where,
+                                                  "appendfsync": fsync, "problem": risk})
 
 
 def text(value: Any) -> str:

@@ -20,14 +20,17 @@ import msgspec
 
 from relay.errors import EnvelopeError
 
+# Patterns: msgspec applies them with ``re.search``, where ``$`` also matches before a trailing
+# newline; ``\A`` and ``\Z`` anchor at the very start and end.
 # A quantity: a number, or a string holding one (or empty). Strings with letters are refused.
-Quantity = int | float | Annotated[str, msgspec.Meta(pattern=r"^\s*(-?\d+(\.\d+)?)?\s*$")] | None
+_NUMERIC = msgspec.Meta(pattern=r"\A\s*(-?\d+(\.\d+)?)?\s*\Z")
+Quantity = int | float | Annotated[str, _NUMERIC] | None
 LineNo = int | str | None
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 #: An eventId: 1-256 characters, none of them a control character (it becomes a header,
 #: ``webhook-id``, and a Redis key on the way out; a line break there would break both).
 EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=256,
-                                      pattern=r"^[^\x00-\x1f\x7f]+$")]
+                                      pattern=r"\A[^\x00-\x1f\x7f]+\Z")]
 Code = Annotated[str, msgspec.Meta(max_length=128)]
 
 
@@ -128,6 +131,8 @@ def parse_envelope(body: bytes) -> Envelope:
         raise EnvelopeError(f"invalid envelope: {_with_path(str(exc))}") from None
     except msgspec.DecodeError as exc:
         raise EnvelopeError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # the ingress measures depth first (relay/nesting.py); a backstop
+        raise EnvelopeError("$: JSON nested too deeply") from None
 
 
 def peek_event_id(body: bytes) -> str | None:
@@ -135,7 +140,7 @@ def peek_event_id(body: bytes) -> str | None:
     could be an eventId (at most 256 characters: an attacker's megabyte is not logged)."""
     try:
         event_id = _id_decoder.decode(body).eventId
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         return None
     return event_id if 0 < len(event_id) <= 256 else None
 
@@ -149,8 +154,9 @@ def _with_path(message: str) -> str:
     return f"{path}: {what}" if sep else f"$: {message}"
 
 
-class StoredEvent(msgspec.Struct, array_like=True, frozen=True):
-    """What the ingress stores per event and the workers read: msgpack under ``event:{id}``."""
+class StoredEvent(msgspec.Struct, array_like=True, frozen=True, weakref=True):
+    """What the ingress stores per event and the workers read: msgpack under ``event:{id}``.
+    ``weakref``: a worker shares one in-memory copy among the subscribers it posts it to."""
 
     event_id: str
     topic: str

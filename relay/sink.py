@@ -16,6 +16,7 @@ from aiohttp import web
 
 from relay.errors import SignatureError
 from relay.models import peek_event_id
+from relay.nesting import TooDeep, check_depth
 from relay.serve import serve
 from relay.signatures import INGRAM_HEADER, IngramSigner, StandardWebhook
 
@@ -50,14 +51,16 @@ def create_sink_app(secrets: list[str]) -> web.Application:
         body = await request.read()
         headers = dict(request.headers)
         try:
+            check_depth(body)  # msgspec recurses per level (relay/nesting.py)
             doc = msgspec.json.decode(body)
             summary = f"{doc.get('eventId')} topic={doc.get('topic')}"
-        except (msgspec.DecodeError, AttributeError):
+        except (msgspec.DecodeError, AttributeError, TooDeep):
             summary = f"{len(body)} bytes (not a JSON object)"
         log.info(f"sink {request.path}: {summary}: {verdict(body, headers, secrets)}")
         return web.json_response({"received": True})
 
-    app = web.Application()
+    # Past aiohttp's default 1 MiB: the hub forwards stock updates of ~1.7 MB (4 MiB admitted).
+    app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/{tail:.*}", receive)
     return app
 

@@ -127,7 +127,8 @@ class Sink:
         self._thread.start()
 
         async def up() -> None:
-            app = web.Application()
+            # aiohttp's default (1 MiB) would answer Ingram's big stock updates 413.
+            app = web.Application(client_max_size=16 * 1024 * 1024)
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()

@@ -14,7 +14,7 @@ import pytest
 from tests.support import ROOT
 
 KEYS = {"meta", "plan", "ceiling", "ingress", "replicas", "egress", "e2e", "latency", "steady",
-        "obvious", "rss", "long", "targets", "failures"}
+        "obvious", "rss", "long", "bigevents", "targets", "failures"}
 
 
 @pytest.mark.timeout(120)
@@ -67,6 +67,11 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert results["rss"].keys() >= {"ingress", "worker"}
     assert results["long"]["worker"]["q1_mean_kb"] > 0
     assert results["targets"] and all("pass" in t for t in results["targets"])
+    # Big stock updates at fan-out 10, posted at once and through parked attempts.
+    big = results["bigevents"]
+    assert set(big["variants"]) == {"direct", "parked"}
+    for run in big["variants"].values():
+        assert run["received"] == big["events"] * 10 and run["growth_kb"] >= 0
 
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "ingress, appendfsync everysec" in markdown

@@ -4,6 +4,7 @@ expired records, poisoned events, several hubs on one Redis, the Redis preflight
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -321,3 +322,42 @@ def test_allow_unsafe_starts_with_a_warning(tmp_path: Path, unsafe_redis) -> Non
 
 def lines_of(text: str) -> list[dict]:
     return [msgspec.json.decode(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_a_redis_that_fsyncs_lazily_is_warned_about_at_start(tmp_path: Path,
+                                                            unsafe_redis) -> None:
+    """``appendfsync everysec`` (Redis's default) passes the preflight, but a host crash
+    loses up to a second of events already answered 202: one JSON line says so."""
+    from relay.config import RedisSettings
+    from relay.connections import fsync_risk, preflight
+
+    port, client = unsafe_redis
+    client.config_set("appendonly", "yes")
+    client.config_set("appendfsync", "everysec")
+    config = write_config(tmp_path / "relay.yaml", f"redis://127.0.0.1:{port}/0", [])
+    log = tmp_path / "ingress.log"
+    with process(relay_cmd("--config", str(config), "ingress"), log_path=log) as proc:
+        wait_http(f"http://127.0.0.1:{ingress_port(config)}/healthz")
+        assert proc.poll() is None
+    warned = [e for e in lines(log) if e.get("appendfsync")]
+    assert len(warned) == 1, warned
+    assert warned[0]["level"] == "warning" and warned[0]["who"] == "ingress"
+    assert "up to about a second" in warned[0]["problem"]
+    assert "appendfsync always" in warned[0]["problem"]
+
+    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0")
+    for value, expected in (("no", "not yet written"), ("always", None)):
+        client.config_set("appendfsync", value)
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler()
+        handler.emit = records.append  # type: ignore[method-assign]
+        logging.getLogger("relay.redis").addHandler(handler)
+        try:
+            preflight(settings, client, "test")
+        finally:
+            logging.getLogger("relay.redis").removeHandler(handler)
+        found = [r for r in records if getattr(r, "appendfsync", None)]
+        if expected is None:
+            assert found == [] and fsync_risk(value) is None
+        else:
+            assert len(found) == 1 and expected in found[0].problem

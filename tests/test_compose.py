@@ -327,6 +327,50 @@ def test_the_admin_console_is_published_on_loopback_and_gets_its_token() -> None
     assert "8081/healthz" in " ".join(admin["healthcheck"]["test"]), "/healthz needs no token"
 
 
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=rel)
+def test_the_admins_healthcheck_and_published_port_pass_its_host_check(
+        path: Path, redis_server, tmp_path: Path) -> None:
+    """The admin answers only its own names (421 otherwise): run it as the compose file does
+    (``--host 0.0.0.0``, the token, the config's ``allowed_hosts``), then its healthcheck as
+    written, a browser on the published loopback port, and the names the config lists."""
+    import http.client
+
+    from tests.hub import write_config
+    from tests.support import free_port, process, wait_until
+
+    admin = services(path)["admin"]
+    (published,) = interpolate(admin["ports"], {})
+    host_port, container_port = published.split(":")[-2:]
+    assert host_port == container_port, "Host names the published port: it must be the same"
+    config = HA_CONFIG if path == HA_COMPOSE else CONFIG
+    allowed = yaml_with_placeholders(config)["admin"].get("allowed_hosts", [])
+    port = free_port()
+    cfg = write_config(tmp_path / "relay.yaml", redis_server.url, [],
+                       admin={"token": "t0ken", "allowed_hosts": allowed})
+    cmd = command(admin)
+    with process(relay_cmd("--config", str(cfg), *cmd[1:], "--port", str(port))) as proc:
+        check = [sys.executable if c == "python" else c for c in admin["healthcheck"]["test"][1:]]
+        check = [c.replace(f":{container_port}/", f":{port}/") for c in check]
+
+        def healthy() -> bool:
+            assert proc.poll() is None
+            return subprocess.run(check, capture_output=True, timeout=10).returncode == 0
+
+        wait_until(healthy, 20, 0.2, what="the compose healthcheck")
+
+        def get(host: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/api/overview",
+                         headers={"Host": host, "Authorization": "Bearer t0ken"})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        for name in ["localhost", "127.0.0.1", *allowed]:
+            assert get(f"{name}:{port}") == 200, name
+        assert get(f"evil.example:{port}") == 421
+
+
 def test_the_ingress_listens_on_all_interfaces_and_publishes_its_port() -> None:
     ingress = services(COMPOSE)["ingress"]
     cmd = command(ingress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -480,3 +481,92 @@ def test_the_redis_preflight_names_each_problem_and_its_fix():
     assert any("maxmemory-policy is allkeys-lru" in p and "noeviction" in p for p in unsafe)
     assert problems({"redis_version": "7.0.15", "aof_enabled": 1,
                      "maxmemory_policy": "noeviction"}) == ([], [])
+
+
+# --- patterns are anchored at the very end (issue 19) -------------------------------------
+
+
+@pytest.mark.parametrize("text,path", [
+    (MINIMAL + 'subscribers:\n  - {name: "erp\\n", url: "http://a.example/", secret: x}\n',
+     "subscribers[0].name"),
+    (MINIMAL + 'subscribers:\n  - {name: erp, url: "http://a.example/", secret: x,\n'
+     '     headers: {"X-Token\\n": v}}\n', "subscribers[0].headers"),
+    ('redis:\n  prefix: "relay:\\n"\n' + MINIMAL, "redis.prefix"),
+    ('redis:\n  sentinel: {hosts: ["h1:26379\\n"], master: m}\n' + MINIMAL,
+     "redis.sentinel.hosts[0]"),
+    (MINIMAL + 'worker:\n  queue: "relay\\n"\n', "worker.queue"),
+])
+def test_a_trailing_newline_is_refused_in_names_headers_prefix_hosts_and_queue(tmp_path, text,
+                                                                              path):
+    """``$`` with ``re.match`` also matches before a final newline; a value read into
+    ``${VAR}`` from a file often ends with one."""
+    assert path in refused(tmp_path, text)
+
+
+def test_a_trailing_newline_read_from_the_environment_is_refused(tmp_path):
+    text = 'redis:\n  prefix: "${PREFIX}"\n' + MINIMAL
+    assert "redis.prefix" in refused(tmp_path, text, {"PREFIX": "relay:\n"})
+    assert load_config(write(tmp_path, text), {"PREFIX": "relay:"}).redis.prefix == "relay:"
+
+
+# --- admin.allowed_hosts ------------------------------------------------------------------
+
+
+def test_admin_allowed_hosts_take_names_as_browsers_send_them_in_host(tmp_path):
+    names = ["relay-admin", "admin.example.com:9443", "10.0.0.5:8081", "[fd00::5]:8081"]
+    config = load_config(write(tmp_path, MINIMAL + f"admin:\n  allowed_hosts: {names}\n"), {})
+    assert config.admin.allowed_hosts == names
+    assert load_config(write(tmp_path, MINIMAL), {}).admin.allowed_hosts == []
+    for bad in ("https://admin.example", "admin.example/console", "*", "*.example.com",
+                "admin.example:99999", "admin example", "admin.example\n"):
+        message = refused(tmp_path, MINIMAL + f"admin:\n  allowed_hosts: [{json.dumps(bad)}]\n")
+        assert "admin.allowed_hosts[0]" in message, bad
+
+
+# --- reload checks what will run ----------------------------------------------------------
+
+
+def test_a_reload_whose_retry_horizon_the_kept_retention_cannot_hold_is_refused(
+        tmp_path, caplog):
+    """``redis.retention`` needs a restart: a reload keeps the running one. New
+    ``max_attempts`` / ``backoff`` must fit that one, not the file's new value."""
+    from relay.reload import Reloader
+
+    def text(retention: str, attempts: int) -> str:
+        return ("redis:\n  retention: " + retention + "\n" + MINIMAL +
+                "subscribers:\n  - {name: erp, url: 'http://a.example/', secret: x, "
+                f"max_attempts: {attempts}, timeout: 1s, backoff: {{initial: 1m, max: 1h}}}}\n")
+
+    path = write(tmp_path, text("2h", 2))
+    running = load_config(path, {})
+    applied: list = []
+    reloader = Reloader(running, applied.append, "test")
+    # Valid on its own (30 d holds 20 attempts an hour apart), but the running 2 h does not.
+    path.write_text(text("30d", 20))
+    load_config(path, {})
+    with caplog.at_level("INFO", logger="relay.reload"):
+        assert reloader.reload() is False
+    assert applied == [] and reloader.current is running
+    error = next(r for r in caplog.records if "reload refused" in r.getMessage())
+    assert error.levelname == "ERROR"
+    assert "redis.retention" in error.error and "2h" in error.error
+    assert "subscribers[0] (erp)" in error.error and "restart" in error.error
+    # What fits the running retention applies (and the new retention is "restart required").
+    path.write_text(text("30d", 3))
+    with caplog.at_level("INFO", logger="relay.reload"):
+        assert reloader.reload() is True
+    assert applied[-1].subscribers[0].max_attempts == 3
+    assert applied[-1].redis.retention == 7200
+    assert any(getattr(r, "keys", None) == ["redis.retention"] for r in caplog.records)
+
+
+# --- Ingram's real traffic ----------------------------------------------------------------
+
+
+def test_the_default_body_limit_admits_a_4000_sku_stock_update(tmp_path):
+    from bench.events import stock_update
+
+    body = stock_update("STOCK4000", skus=4000)
+    assert len(body) > 1_600_000
+    assert load_config(write(tmp_path, MINIMAL), {}).ingress.max_body_bytes == 4 * 1024 * 1024
+    assert len(body) <= 4 * 1024 * 1024

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -402,6 +403,103 @@ def test_credentials_in_urls_are_masked_in_errors_listings_and_logs(
         wait_until(lambda: b"redis" in log.read_bytes().lower(), 20, what="a line about redis")
         time.sleep(2)
     assert "hunter2" not in log.read_text()
+
+
+def test_credentials_in_query_strings_are_masked_in_listings_errors_and_logs(
+        tmp_path: Path, redis_server, redis_client) -> None:
+    """``?api_key=``, ``?sig=``, ``?code=``: a listed URL shows none of its query values;
+    free text (errors, log lines) none of the values of parameters named like credentials."""
+    import logging
+
+    from relay.config import load_config
+    from relay.logs import JsonFormatter
+    from tests.hub import LiveAdmin, call
+
+    url = "https://erp.example/hook?api_key=K3YVALUE&tenant=acme&sig=S1GVALUE"
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "erp", "url": url, "secret": "s"}])
+    out = relay(config, "check-config")
+    assert out.returncode == 0, out.stderr
+    assert "https://erp.example/hook?api_key=***&tenant=***&sig=***" in out.stdout
+    assert "K3YVALUE" not in out.stdout and "S1GVALUE" not in out.stdout
+    with LiveAdmin(load_config(config)) as admin:
+        status, _, subs = call(admin.url + "/api/subscribers")
+    assert status == 200
+    assert subs[0]["url"] == "https://erp.example/hook?api_key=***&tenant=***&sig=***"
+    bad = write_config(tmp_path / "bad.yaml", redis_server.url, [
+        {"name": "erp", "url": "ftp://erp.example/x?access_token=T0KENVALUE", "secret": "s"}])
+    out = relay(bad, "check-config")
+    assert out.returncode == 2 and "access_token=***" in out.stderr
+    assert "T0KENVALUE" not in out.stderr
+    record = logging.makeLogRecord({
+        "msg": "could not post to https://fn.example/api/hook?code=AZUREKEY&page=2",
+        "levelno": logging.WARNING, "levelname": "WARNING",
+        "error": "Cannot connect to https://x.example/?X-Amz-Signature=AMZSIG&password=PW1"})
+    line = JsonFormatter().format(record)
+    assert "AZUREKEY" not in line and "AMZSIG" not in line and "PW1" not in line
+    assert "code=***" in line and "page=2" in line
+
+
+def test_a_set_cookie_from_one_subscriber_is_never_sent_back_to_any(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """The worker's HTTP client kept a cookie jar shared by every subscriber: one that set a
+    cookie got it back on every delivery, and so did every other subscriber on that host."""
+    from tests.hub import enqueue_event
+
+    sink.behave("/a", lambda n: Reply(200, {"Set-Cookie": "session=s3cr3t; Path=/"}))
+    host = f"http://localhost:{sink.port}"  # a name: cookies of IP addresses were dropped
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "a", "url": f"{host}/a", "secret": "s"},
+        {"name": "b", "url": f"{host}/b", "secret": "s"}])
+    with worker(config, tmp_path / "worker.log"):
+        enqueue_event(redis_client, event_body("EVCOOKIE1"))
+        sink.wait_for("/a", 1)
+        sink.wait_for("/b", 1)
+        enqueue_event(redis_client, event_body("EVCOOKIE2"))
+        sink.wait_for("/a", 2)
+        sink.wait_for("/b", 2)
+    for got in sink.on("/a") + sink.on("/b"):
+        assert not any(name.lower() == "cookie" for name, _ in got.raw_headers), got.raw_headers
+
+
+def test_a_worker_holds_one_copy_of_an_event_for_every_subscriber_it_posts_it_to(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Ingram's stock updates are 1.7 MB. Attempts parked while a subscriber held its share
+    are pulled back per subscriber, each pull loading the records again: three lanes held
+    three copies of each pulled event (ten at fan-out 10). One copy, shared, now."""
+    from relay.config import load_config
+    from tests.hub import enqueue_event
+    from workers.engine import Engine
+
+    names = ["s0", "s1", "s2"]
+    for name in names:
+        sink.behave(f"/{name}", lambda n: Reply(200, delay=2.0))
+    # Each subscriber holds 4 attempts (2 posted at once, 2 waiting); the rest are parked.
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": n, "url": sink.url(f"/{n}"), "secret": "s"} for n in names],
+        worker={"max_in_flight": 12, "max_connections": 6})
+    ids = [enqueue_event(redis_client, event_body(f"EVSHARE{i}")) for i in range(6)]
+    pulled = {"EVSHARE4", "EVSHARE5"}
+    engine = Engine(load_config(config))
+    try:
+        engine.start(ids, None, 1)
+
+        async def waiting() -> dict[str, list[Any]]:  # read on the engine's own loop
+            return {n: [item[0] for item in engine.lanes[n].waiting
+                        if item[0].event_id in pulled] for n in names}
+
+        def all_pulled() -> dict[str, list[Any]] | None:
+            held = engine._call(waiting())
+            return held if all(len(events) == 2 for events in held.values()) else None
+
+        held = wait_until(all_pulled, 15, what="every lane holding the pulled-back attempts")
+        for event_id in pulled:
+            copies = {id(e) for events in held.values() for e in events if e.event_id == event_id}
+            assert len(copies) == 1, f"{event_id}: {len(copies)} copies in memory"
+    finally:
+        engine.drain(15)
+    for name in names:
+        assert sorted(r.event_id for r in sink.on(f"/{name}")) == sorted(ids)
 
 
 # -- 10. the repository stands alone --------------------------------------------------------

@@ -698,3 +698,74 @@ def test_relay_ingress_subprocess_accepts_dedupes_and_stops_on_sigterm(
     assert SECRET not in text and sign_ingram(SECRET, event_id) not in text
     with pytest.raises(OSError):  # it stopped listening
         request(port, "GET", "/healthz")
+
+
+# --- issue 19: hostile event ids, readiness after a failed store, Ingram's big events ------
+
+
+def test_an_event_id_ending_in_a_newline_is_400_naming_event_id(ingress, redis_client):
+    """msgspec applies a ``pattern`` with ``re.search``: ``^...$`` let ``abc\\n`` through (202,
+    then every ``standard`` delivery failed on the header ``webhook-id``)."""
+    _, body = sample("order_shipped.json")
+    for event_id in ("abc\n", "abc\r\n", "\nabc"):
+        answer = post(ingress.port, with_id(body, json.dumps(event_id)[1:-1]), event_id=event_id)
+        assert answer.status == 400, (event_id, answer)
+        assert answer.json()["error"].startswith("invalid envelope: $.eventId:"), answer
+    assert_nothing_stored(redis_client)
+
+
+def test_readyz_is_503_right_after_a_store_failed(ingress, redis_client):
+    """The ingress just answered 503 for an event: a load balancer asking now must not be
+    told "ready" from the 1 s cache."""
+    _, body = sample("order_shipped.json")
+    assert request(ingress.port, "GET", "/readyz").status == 200  # cached for a second
+    redis_client.config_set("maxmemory", "1")  # every write is refused (OOM)
+    try:
+        assert post(ingress.port, with_id(body, "READY1")).status == 503
+        answer = request(ingress.port, "GET", "/readyz")
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert answer.status == 503, answer
+    assert "Retry-After" in answer.headers and answer.json()["error"]
+
+
+def test_readyz_is_200_right_after_an_event_was_stored(ingress, redis_client):
+    """Redis refused writes (the probe's "not ready" is cached for a second), then takes
+    them again: the first event stored makes /readyz answer 200 at once."""
+    _, body = sample("order_shipped.json")
+    redis_client.config_set("maxmemory", "1")
+    try:
+        # The first 503 seen is the probe's fresh answer (polled every 20 ms).
+        wait_until(lambda: request(ingress.port, "GET", "/readyz").status == 503, 5,
+                   what="/readyz 503")
+    finally:
+        redis_client.config_set("maxmemory", "0")
+    assert post(ingress.port, with_id(body, "READY2")).status == 202
+    answer = request(ingress.port, "GET", "/readyz")
+    assert answer.status == 200, answer
+
+
+def test_a_4000_sku_stock_update_is_accepted_by_default_and_delivered_byte_exact(
+        tmp_path, redis_server, redis_client):
+    """Ingram splits stock updates at 4,000 SKUs: ~1.7 MB indented. The default
+    ``ingress.max_body_bytes`` (4 MiB) admits it; the subscriber gets the exact bytes."""
+    from bench.events import stock_update
+    from tests.hub import Sink, worker
+    from tests.hub import ingress as run_ingress
+    from tests.hub import post as signed_post
+    from tests.hub import write_config as hub_config
+
+    body = stock_update("STOCK4000SKUS", skus=4000)
+    assert 1_600_000 < len(body) < 4 * 1024 * 1024
+    sink = Sink().start()
+    try:
+        path = hub_config(tmp_path / "relay.yaml", redis_server.url, [
+            {"name": "erp", "url": sink.url("/erp"), "secret": "s"}])
+        with worker(path, tmp_path / "worker.log"), \
+                run_ingress(path, tmp_path / "ingress.log") as url:
+            status, answer = signed_post(url, body)
+            assert (status, answer) == (202, {"eventId": "STOCK4000SKUS", "status": "accepted"})
+            (got,) = sink.wait_for("/erp", 1, timeout=60)
+        assert got.body == body
+    finally:
+        sink.stop()

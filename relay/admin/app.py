@@ -27,7 +27,9 @@ from relay.config import Config
 from relay.connections import async_client
 from relay.deadletters import DeadLetters, Filters, UnknownSubscriber
 from relay.events import Events, NotFound
+from relay.hosts import HostRule
 from relay.keys import Keys
+from relay.nesting import TooDeep, check_depth
 from relay.reload import Reloader
 from relay.serve import json_answer, json_errors, serve
 from relay.status import Status
@@ -42,11 +44,12 @@ class Admin:
     """The admin's state: the running config (a reload replaces it) and one Redis client."""
 
     def __init__(self, config: Config, client: aioredis.Redis) -> None:
-        self.config = config
         self.redis = client
+        self.apply(config)
 
     def apply(self, config: Config) -> None:
         self.config = config
+        self.hosts = HostRule(config.admin.allowed_hosts)
 
     @property
     def keys(self) -> Keys:
@@ -72,6 +75,71 @@ class BadRequest(ValueError):
 
 def _error(status: int, message: str) -> web.Response:
     return json_answer(status, {"error": message})
+
+
+#: On every answer: the console runs only its own files (no inline script, no other site's),
+#: cannot be framed (clickjacking), and sends no Referer with the event ids in its URLs.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+#: Methods that change something: refused when another site's page sends them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _refusal(request: web.Request) -> tuple[int, str] | None:
+    """Why a request that is not the console's own (or a shell's) is refused, if it is.
+
+    * ``Host`` not a name of the admin: 421 (a page of another site whose DNS name was
+      re-pointed at the admin's address: DNS rebinding);
+    * a change (POST, DELETE) from another site's page: 403. Browsers name the page's site
+      in ``Origin`` (and ``Sec-Fetch-Site``); ``curl`` sends neither;
+    * a body not sent as ``application/json``: 415. A page of another site can send
+      ``text/plain`` or a form without asking the admin first (no CORS preflight);
+      ``application/json`` it cannot.
+    """
+    rule = request.app[ADMIN].hosts
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    local_port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+    host = request.headers.get("Host", "")
+    if not rule.allows(host, local_port):
+        return 421, (f"Host {host[:100]!r} does not name this admin: it answers its loopback "
+                     f"names on its own port and admin.allowed_hosts")
+    if request.method not in SAFE_METHODS:
+        origin = request.headers.get("Origin")
+        if origin is not None and not rule.allows_origin(origin, local_port):
+            return 403, (f"Origin {origin[:100]!r} is not this admin's own: a change must come "
+                         f"from the console or a client that sends no Origin")
+        site = request.headers.get("Sec-Fetch-Site", "").lower()
+        if origin is None and site in ("cross-site", "same-site"):
+            return 403, f"a change sent by a page of another site (Sec-Fetch-Site: {site})"
+    if request.body_exists and request.content_type != "application/json":
+        return 415, (f"a request body must be sent as Content-Type: application/json, got "
+                     f"{request.content_type[:100] or 'none'!r}")
+    return None
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what another web page could make a browser send (``_refusal``); /healthz stays
+    open to probes whatever name they use (a container healthcheck, a kubelet)."""
+    if request.path != "/healthz":
+        refused = _refusal(request)
+        if refused is not None:
+            status, error = refused
+            log.warning("admin request refused", extra={
+                "status": status, "method": request.method, "path": request.path[:200],
+                "error": error})
+            return _error(status, error)
+    return await handler(request)
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
 
 
 @web.middleware
@@ -130,8 +198,12 @@ def _int(params: Any, name: str, default: int, low: int, high: int) -> int:
 async def _body(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
+    raw = await request.read()
     try:
-        data = msgspec.json.decode(await request.read())
+        check_depth(raw)  # before msgspec recurses into it
+        data = msgspec.json.decode(raw)
+    except TooDeep as exc:
+        raise BadRequest(f"body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -302,7 +374,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Application:
-    app = web.Application(middlewares=[json_errors, auth, failures])
+    app = web.Application(middlewares=[json_errors, guard, auth, failures])
+    app.on_response_prepare.append(_security_headers)
     redis = client if client is not None else async_client(
         config.redis, socket_connect_timeout=2, socket_timeout=10, health_check_interval=10,
         max_connections=16)
@@ -337,7 +410,7 @@ def run_admin(config: Config, host: str | None = None, port: int | None = None) 
     bind_host = host or config.admin.host
     bind_port = port or config.admin.port
     app = create_app(config)
-    reloader = Reloader(config, app[ADMIN].apply, "admin")
+    reloader = Reloader(config, app[ADMIN].apply, "admin", admin_bound=bind_host)
     log.info("admin listening", extra={"url": f"http://{bind_host}:{bind_port}/",
                                        "token": bool(config.admin.token)})
     asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload))

@@ -1,7 +1,8 @@
 """The aiohttp application: routes and the answer table of docs/contract.md ("Ingress").
 
 Order of checks, cheapest and least revealing first: media type (415), size (413), signature
-header present (401), JSON envelope (400, with the JSON path), signature valid (401), store
+header present (401), nesting depth (400: before anything parses the body, relay/nesting.py),
+JSON envelope (400, with the JSON path), signature valid (401), store
 (503 if Redis does not confirm), then 202 or 200 duplicate. A body that fails validation
 still has its signature checked first when it carries an eventId, so an unsigned caller
 learns nothing about the schema beyond "unauthorised".
@@ -27,6 +28,7 @@ from relay.ingress.store import EventStore, StoreUnavailable
 from relay.keys import Keys
 from relay.metrics import IngressMetrics
 from relay.models import StoredEvent, parse_envelope, peek_event_id
+from relay.nesting import TooDeep, check_depth
 from relay.ordering import Sequencer
 from relay.reload import Reloader
 from relay.serve import json_answer, json_errors, serve
@@ -69,9 +71,11 @@ class _TooLarge(Exception):
 class WebhookHandler:
     """Handles every webhook route; ``targeturl`` is never read: callers don't pick targets."""
 
-    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics) -> None:
+    def __init__(self, config: Config, store: EventStore, metrics: IngressMetrics,
+                 probe: ReadinessProbe | None = None) -> None:
         self._store = store
         self._metrics = metrics
+        self._probe = probe
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -136,6 +140,10 @@ class WebhookHandler:
             return self._reject(400, "bad_body", f"body could not be decoded "
                                 f"(Content-Encoding: {encoding[:40]!r})")
 
+        try:
+            check_depth(body)  # before anything parses it (msgspec recurses per level)
+        except TooDeep as exc:
+            return self._reject(400, "invalid", f"$: {exc}")
         signer = self._signer
         try:
             envelope = parse_envelope(body)
@@ -161,9 +169,13 @@ class WebhookHandler:
             is_new = await self._store.accept(record)
         except StoreUnavailable:
             # The store logged the Redis error with the eventId; the caller is not told it.
+            if self._probe is not None:
+                self._probe.failed("an event could not be stored just now")
             return self._reject(503, "unavailable", "event not stored: storage unavailable, "
                                 f"retry after {RETRY_AFTER_SECONDS}s",
                                 headers={"Retry-After": RETRY_AFTER_SECONDS}, event_id=event_id)
+        if self._probe is not None:
+            self._probe.succeeded()
         if not is_new:
             self._metrics.duplicates.inc()
             log.info("duplicate", extra={"eventId": event_id})
@@ -215,7 +227,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     app[PROBE] = ReadinessProbe(redis_client(config, max_connections=2), keys.ready_probe,
                                 min_replicas=config.redis.min_replicas,
                                 replica_timeout=config.redis.min_replicas_timeout)
-    app[HANDLER] = WebhookHandler(config, store, app[METRICS])
+    app[HANDLER] = WebhookHandler(config, store, app[METRICS], app[PROBE])
     for path in WEBHOOK_ROUTES:
         app.router.add_post(path, app[HANDLER].__call__)  # a coroutine function, as aiohttp expects
     app.router.add_get("/healthz", healthz)

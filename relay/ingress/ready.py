@@ -9,6 +9,11 @@ has none yet), every event gets 503, and so does the probe.
 The probe writes a small key; it has its own two-connection client, so a flood of probes
 while Redis is slow cannot take connections from real webhooks, and one answer is shared
 for a second by every caller (one write a second at most, whatever the probe rate).
+
+The ingress's own writes are the freshest evidence: a store that failed (the ingress just
+answered 503) replaces the shared answer with "not ready" at once, and a store that
+succeeded replaces a "not ready" with "ready", so a cached answer never contradicts the
+last write by up to a second (``failed`` and ``succeeded``).
 """
 
 from __future__ import annotations
@@ -41,9 +46,20 @@ class ReadinessProbe:
             return self._answer
         async with self._lock:  # one probe in flight; the others wait for its answer
             if time.monotonic() - self._at >= CACHE_SECONDS:
-                self._answer = await self._probe()
-                self._at = time.monotonic()
+                started = time.monotonic()
+                answer = await self._probe()
+                if self._at < started:  # no event's write told otherwise meanwhile
+                    self._answer, self._at = answer, time.monotonic()
         return self._answer
+
+    def failed(self, why: str) -> None:
+        """A write of an event failed: not ready, from now (the next probe may say ready)."""
+        self._answer, self._at = (False, why), time.monotonic()
+
+    def succeeded(self) -> None:
+        """A write of an event succeeded: ready, if the shared answer said otherwise."""
+        if not self._answer[0]:
+            self._answer, self._at = (True, ""), time.monotonic()
 
     async def _probe(self) -> tuple[bool, str]:
         try:

@@ -464,3 +464,66 @@ def test_bad_input_figures(live: Client, report) -> None:
     if set(RAN) == set(EXAMPLES):
         assert total >= 10_000, RAN
         assert live.requests >= 10_000, live.requests
+
+
+# --- nesting depth (issue 19) -------------------------------------------------------------
+
+
+def _rejected_invalid(port: int) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                 if s.name == "relay_ingress_rejected_total"
+                 and s.labels.get("reason") == "invalid"), 0.0)
+
+
+def test_json_nested_a_thousand_deep_is_400_naming_the_depth_limit_not_a_500(
+        live: Client, redis_client, caplog) -> None:
+    """msgspec recursed once per level: ``RecursionError``, a 500 and a traceback in the log,
+    for a body nobody had to sign. Now 400 before anything parses it, counted as rejected."""
+    deep = 1000
+    bodies = [
+        b"[" * deep + b"]" * deep,
+        b'{"eventId": "DEEP1", "topic": ' + b'{"":[' * (deep // 2) + b"1"
+        + b"]}" * (deep // 2) + b"}",
+        b'{"topic": "t", "event": "e", "eventId": "DEEP2", "eventTimeStamp": "x", '
+        b'"resource": {}, "extra": ' + b"[" * deep + b"]" * deep + b"}",
+        b"[" * 1500,  # never closed
+    ]
+    before = _rejected_invalid(live.port)
+    with caplog.at_level("INFO"):
+        for body in bodies:
+            assert len(body) <= LIMIT
+            status, headers, raw = live.post("/webhooks/ingram", body, {
+                "Content-Type": "application/json", "X-Hub-Signature": "bm90IGEgc2lnbmF0dXJl"})
+            answer = check_refusal(status, headers, raw)
+            assert status == 400, answer
+            assert "nested deeper than 32 levels" in answer["error"], answer
+    assert _rejected_invalid(live.port) == before + len(bodies)
+    assert not [r for r in caplog.records if r.levelno >= 40], "an error was logged"
+    nothing_stored(redis_client)
+
+
+def test_a_signed_event_nested_to_the_limit_is_accepted(live: Client, redis_client) -> None:
+    """The limit refuses nothing Ingram sends (about ten levels), brackets in strings do not
+    count, and an extra field may nest to the limit."""
+    doc = json.loads(SAMPLE_BODIES["order_shipped.json"])
+    doc["eventId"] = "NESTEDOK"
+    doc["note"] = "[[[[" * 20 + "{{{{" * 20
+    inner: Any = 1
+    for _ in range(32 - 1):  # the envelope itself is the first level
+        inner = [inner]
+    doc["extra"] = inner
+    body = json.dumps(doc).encode()
+    status, _, raw = live.post("/webhooks/ingram", body, {
+        "Content-Type": "application/json", "X-Hub-Signature": sign_ingram(SECRET, "NESTEDOK")})
+    assert status == 202, raw
+    doc["extra"] = [inner]  # 33 levels
+    doc["eventId"] = "NESTEDNO"
+    status, headers, raw = live.post("/webhooks/ingram", json.dumps(doc).encode(), {
+        "Content-Type": "application/json", "X-Hub-Signature": sign_ingram(SECRET, "NESTEDNO")})
+    assert status == 400 and "nested deeper than 32" in check_refusal(status, headers, raw)["error"]

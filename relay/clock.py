@@ -95,9 +95,14 @@ MEASURE_EVERY = 30.0
 
 async def keep_measured(client: Any, every: float = MEASURE_EVERY) -> None:
     """Measure now and every ``every`` seconds, for as long as the task runs."""
+    task = asyncio.current_task()
     while True:
         with contextlib.suppress(Exception):  # Redis away: keep the last offset
             await CLOCK.ameasure(client)
+        # redis-py may turn a cancellation that lands mid-connect into a ConnectionError,
+        # which the line above swallows: honour the cancellation all the same.
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
         await asyncio.sleep(every)
 
 
@@ -107,6 +112,5 @@ def measuring(client: Any) -> Callable[[Any], AsyncIterator[None]]:
         task = asyncio.create_task(keep_measured(client))
         yield
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await asyncio.wait([task], timeout=2)
     return ctx

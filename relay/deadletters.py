@@ -167,7 +167,7 @@ class DeadLetters:
         if reply is None:
             return 0
         letter = _decode_letter(as_bytes(reply))
-        message = deliver_message(k.queue, event_id, [name], 1)
+        message = deliver_message(k.queue, event_id, [name], 1, trigger="replay")
         now = time.time()
         keys = [k.letter(name, event_id), k.dead(name), k.event(event_id),
                 k.deliveries(event_id), k.queue, k.unclaimed, k.pending(name)]

@@ -73,6 +73,28 @@ def delivery_state(value: bytes | None, held_state: str | None, has_attempts: bo
     return "pending", None
 
 
+def _headers(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Header pairs as a JSON object; a name sent more than once has its values joined with
+    ", " (as HTTP allows)."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    """One attempt as the admin API shows it (docs/admin-api.md)."""
+    return {
+        "attempt": a.attempt, "at": iso(a.at), "status": a.status, "error": a.error,
+        "latencyMs": a.latency_ms, "probe": a.probe, "trigger": a.cause,
+        "request": ({"url": a.request.url, "headers": _headers(a.request.headers)}
+                    if a.request else None),
+        "response": ({"status": a.response.status, "headers": _headers(a.response.headers),
+                      "body": a.response.body, "truncated": a.response.truncated}
+                     if a.response else None),
+    }
+
+
 class Events:
     def __init__(self, client: aioredis.Redis, config: Config) -> None:
         self._r = client
@@ -105,9 +127,7 @@ class Events:
                 "state": state,
                 "nextAttemptAt": iso(next_at) if state == "retrying" else None,
                 "deadReason": _decode_letter(letter).reason if letter else None,
-                "attempts": [{"attempt": a.attempt, "at": iso(a.at), "status": a.status,
-                              "error": a.error, "latencyMs": a.latency_ms,
-                              "probe": a.probe} for a in attempts],
+                "attempts": [attempt_json(a) for a in attempts],
             })
         return {
             "eventId": event_id,
@@ -143,7 +163,7 @@ class Events:
             names = [s.name for s in self._router.route(_decode_event(as_bytes(raw)))]
         if not names:
             return 0
-        message = deliver_message(k.queue, event_id, names, 1)
+        message = deliver_message(k.queue, event_id, names, 1, trigger="resend")
         now = time.time()
         keys = [k.deliveries(event_id), k.queue, k.unclaimed]
         for name in names:

@@ -50,6 +50,8 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    #: The answer's body (default ``ok``).
+    body: bytes | None = None
 
 
 class Sink:
@@ -121,6 +123,8 @@ class Sink:
             self._open[request.path] -= 1
             self.received.append(Received(time.time(), request.path, dict(request.headers),
                                           body, arrived, list(request.headers.items())))
+        if reply.body is not None:
+            return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
         return web.Response(status=reply.status, headers=reply.headers, text="ok")
 
     def start(self) -> Sink:

@@ -81,7 +81,8 @@ class _Plan:
         self.held: dict[str, dict[bytes, int]] = defaultdict(dict)
         self.parked: dict[str, dict[bytes, int]] = defaultdict(dict)
         self.pending: dict[str, dict[str, int]] = defaultdict(dict)
-        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes]] = []
+        #: (event, subscriber, attempt, lease, trigger)
+        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None]] = []
         self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None]] = []
 
 
@@ -133,7 +134,7 @@ class Engine:
     # -- called from other threads ----------------------------------------------------------
 
     def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
-              batch: str | None = None) -> None:
+              batch: str | None = None, trigger: str | None = None) -> None:
         """Hand one task's events to the loop, which routes, leases and launches them.
 
         The task does not wait for that (two Redis round trips on a busy loop, ~5-10 ms): it
@@ -152,7 +153,8 @@ class Engine:
             time.sleep(0.005)
             waited += 0.005
         future = asyncio.run_coroutine_threadsafe(
-            self._start_until_done(event_ids, subscribers, attempt, batch), self._loop)
+            self._start_until_done(event_ids, subscribers, attempt, batch, trigger),
+            self._loop)
         with self._pending_lock:
             self._pending.add(future)
         future.add_done_callback(self._started)
@@ -165,12 +167,13 @@ class Engine:
             self._pending.discard(future)
 
     async def _start_until_done(self, event_ids: str | list[str], names: list[str] | None,
-                                attempt: int, batch: str | None) -> int:
+                                attempt: int, batch: str | None, trigger: str | None = None
+                                ) -> int:
         """``_start``, retried while Redis is away (PERSIST_FOR), dead-lettering what can
         never be processed."""
         try:
             started = await self._until_redis_answers(
-                lambda: self._start(event_ids, names, attempt, batch),
+                lambda: self._start(event_ids, names, attempt, batch, trigger),
                 "starting a task's deliveries",
                 "task not started: redis unavailable; its message is queued again from unclaimed",
                 {"eventId": event_ids})
@@ -179,11 +182,12 @@ class Engine:
             # Not a passing condition: retrying would fail the same way, forever.
             log.exception("task cannot be processed; its events are dead-lettered",
                           extra={"eventId": event_ids, "subscribers": names})
-            await self._give_up(event_ids, names, attempt, batch, exc)
+            await self._give_up(event_ids, names, attempt, batch, exc, trigger)
             return 0
 
     async def _give_up(self, event_ids: str | list[str], names: list[str] | None,
-                       attempt: int, batch: str | None, error: BaseException) -> None:
+                       attempt: int, batch: str | None, error: BaseException,
+                       trigger: str | None = None) -> None:
         """A task failed in a way no retry can mend: dead-letter its events and drop its
         message, so it is not queued again forever (holding up the rest of its batch)."""
         reason = f"cannot be processed: {type(error).__name__}: {error}"[:300]
@@ -191,7 +195,7 @@ class Engine:
         for event_id in ids:
             for name in names or [ANY]:
                 await self._dead(event_id, self.subscribers.get(name, name), reason, None)
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
+        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
         await self._persist(lambda: self.ledger.run([("ZREM", self.keys.unclaimed, taken)]))
 
     def reload(self, config: Config) -> None:
@@ -225,17 +229,18 @@ class Engine:
     # -- a task: route, lease, launch --------------------------------------------------------
 
     async def _start(self, event_ids: str | list[str], names: list[str] | None, attempt: int,
-                     batch: str | None) -> int:
+                     batch: str | None, trigger: str | None = None) -> int:
         # This task's own message: noted in ``unclaimed`` when queued, dropped from it here
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
+        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
         loaded = await self.ledger.load(ids, batch is not None)
         unknown = await self._known_elsewhere(names)
         plan, now = _Plan(), now_ms()
         for event_id, item in zip(ids, loaded, strict=True):
             try:
-                self._plan_event(plan, event_id, item, names, attempt, batch, unknown, now)
+                self._plan_event(plan, event_id, item, names, attempt, batch, unknown, now,
+                                 trigger=trigger)
             except Exception as exc:  # a poisoned event: dead-letter it, deliver the rest
                 log.exception("event cannot be processed; dead-lettered",
                               extra={"eventId": event_id})
@@ -252,7 +257,7 @@ class Engine:
         try:
             await self.ledger.lease(plan.leases, plan.held, plan.pending, taken, plan.parked)
         except BaseException:
-            for _, sub, _, _ in plan.launch:
+            for _, sub, *_ in plan.launch:
                 self.lanes[sub.name].held -= 1
             raise
         for name in plan.parked:
@@ -265,19 +270,21 @@ class Engine:
                 self._background_pull(name)
         for event_id, target, reason, event in plan.dead:
             await self._dead(event_id, target, reason, event)
-        for event, sub, attempt, lease in plan.launch:
+        for event, sub, attempt, lease, trigger in plan.launch:
             self.leases.track(lease, plan.leases[lease], sub)
             lane = self.lanes[sub.name]
             if lane.open < lane.width:
-                self._open(lane, event, sub, attempt, lease)
+                self._open(lane, event, sub, attempt, lease, trigger)
             else:
-                lane.waiting.append((event, sub, attempt, lease))
+                lane.waiting.append((event, sub, attempt, lease, trigger))
 
     def _plan_event(self, plan: _Plan, event_id: str, item: Loaded, names: list[str] | None,
                     attempt: int, batch: str | None, unknown: dict[str, bool], now: int,
-                    lease: bytes | None = None) -> None:
+                    lease: bytes | None = None, trigger: str | None = None) -> None:
         """Decide what happens to one event's attempts. ``lease``: a parked attempt pulled
-        back (its own message is its lease)."""
+        back (its own message is its lease). ``trigger``: an operator's resend or replay,
+        kept by this attempt's own message when it is held or parked (not by its lease: the
+        retries it leads to are ``auto``)."""
         event = item.event
         if item.error is not None:
             raise ValueError(item.error)  # dead-lettered by the caller, the rest go on
@@ -300,7 +307,8 @@ class Engine:
             missing = [n for n in names if n not in self.subscribers and n not in item.done]
         for name in missing:
             if unknown.get(name):  # another live worker knows it: leave it to them
-                message = deliver_message(self.keys.queue, event_id, [name], attempt)
+                message = deliver_message(self.keys.queue, event_id, [name], attempt,
+                                          trigger=trigger)
                 plan.leases[message] = now + PARK_UNKNOWN_MS
             else:
                 plan.dead.append((event_id, name, "subscriber removed", event))
@@ -309,7 +317,8 @@ class Engine:
                 continue
             plan.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
-            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
+            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt,
+                                  trigger=trigger)
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
@@ -329,7 +338,7 @@ class Engine:
                 own_lease = lease or deliver_message(self.keys.queue, event_id, [sub.name],
                                                      attempt + 1)
                 plan.leases[own_lease] = now + self.leases.lease_ms(sub)
-                plan.launch.append((event, sub, attempt, own_lease))
+                plan.launch.append((event, sub, attempt, own_lease, trigger))
                 lane.held += 1
 
     async def _pull(self, name: str) -> None:
@@ -361,7 +370,7 @@ class Engine:
         for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
             try:
                 self._plan_event(plan, event_id, item, [sub.name], args.attempt, None, {}, now,
-                                 lease=member)
+                                 lease=member, trigger=args.trigger)
             except Exception as exc:
                 plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
                                   item.event))
@@ -425,9 +434,9 @@ class Engine:
             log.warning("could not pull parked attempts", extra={"error": repr(task.exception())})
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
-              lease: bytes) -> None:
+              lease: bytes, trigger: str | None = None) -> None:
         lane.open += 1
-        task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
+        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, lane, lease))
 
@@ -449,12 +458,13 @@ class Engine:
     # -- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
-                       lease: bytes) -> None:
+                       lease: bytes, trigger: str | None = None) -> None:
         verdict = GO if self.gate.fast(sub) else await self.gate.admit(sub)
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
             self.leases.forget(lease)
-            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt)
+            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt,
+                                     trigger=trigger)
             await self._persist(lambda: self.ledger.hold(sub.name, lease, member))
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
@@ -463,8 +473,12 @@ class Engine:
         # The outcome write below re-scores or removes the lease: stop renewing it first.
         self.leases.forget(lease)
         self.lanes[sub.name].observe(outcome.latency_ms)
+        # What was sent and what came back, credentials masked (workers/http.py); a 2xx
+        # keeps no body (docs/benchmarks.md, "What an attempt keeps").
         record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms,
-                         verdict.probe)
+                         verdict.probe, "probe" if verdict.probe else (trigger or "auto"),
+                         http.sent_request(sub, headers),
+                         http.answer(sub, outcome, keep_body=not outcome.ok))
         context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
                    "status": outcome.status, "error": outcome.error,
                    "latency_ms": outcome.latency_ms}

@@ -11,7 +11,9 @@ other work on a shared 2-core box makes absolute numbers noisy:
 4. end to end at fan-out 1, 10 and 50: first POST to the ingress to last delivery received;
 5. latency ingress-202 -> sink-received, open-loop at half the end-to-end rate found in 4;
 6. RSS of the ingress and the worker (every process of each tree), sampled throughout, and a
-   long run (``--long N`` deliveries) comparing the first and last quarter of it.
+   long run (``--long N`` deliveries) comparing the first and last quarter of it;
+7. (``capture``) what keeping each attempt's request and response costs per delivery, CPU
+   and Redis bytes, against the record without them (bench/capture.py).
 
 Everything runs as separate processes on 127.0.0.1 with a private redis-server; nothing here
 touches the shared Redis on 6379. ``--smoke`` does all of it with tiny counts in seconds.
@@ -56,7 +58,8 @@ from relay.queue import read_deliver_message
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
-PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "long")
+PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "long",
+          "capture")
 #: The obvious design is compared with the hub at this fan-out.
 OBVIOUS_FANOUT = 10
 
@@ -834,6 +837,14 @@ class Bench:
 
     # -- profiles ---------------------------------------------------------------------------
 
+    def capture_phase(self) -> None:
+        """What keeping each attempt's request and response costs (bench/capture.py)."""
+        from bench import capture
+
+        assert self.redis is not None
+        self.results["capture"] = capture.measure(self.redis, self.log_dir)
+        self.say("attempt capture, per delivery:\n" + capture.text(self.results["capture"]))
+
     def profile_ingress(self) -> None:
         from bench.profile import Recording, flame_svg, summarise
 
@@ -933,6 +944,8 @@ class Bench:
                 self.obvious_phase()
             if "long" in phases:
                 self.long_run()
+            if "capture" in phases:
+                self.capture_phase()
         finally:
             stressed_throughout = self.stress is None or self.stress.alive()
             self.sampler.sample()
@@ -1082,7 +1095,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
     p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of " + ",".join(PHASES) + " (steady: lone "
-                        "events at a steady rate; obvious: the obvious design at fan-out 10)")
+                        "events at a steady rate; obvious: the obvious design at fan-out 10; "
+                        "capture: what keeping each attempt's request and response costs)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile with py-spy the ingress at saturation, the worker at "
                         "fan-out 1 and 10, and both during each steady stream; flame graphs "

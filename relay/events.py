@@ -27,6 +27,8 @@ from relay.timefmt import iso
 
 #: Most events one listing examines when filtering by subscriber or state.
 SCAN_LIMIT = 2000
+#: Most events an order's page lists (oldest first).
+ORDER_LIMIT = 500
 _decode_event = msgspec.msgpack.Decoder(StoredEvent).decode
 _decode_attempt = msgspec.msgpack.Decoder(Attempt).decode
 _decode_letter = msgspec.msgpack.Decoder(DeadLetter).decode
@@ -53,6 +55,17 @@ return n
 
 class NotFound(LookupError):
     pass
+
+
+def _position(cursor: str) -> tuple[float, str]:
+    """(time ms, event ID) from a listing's cursor; ValueError if it is not one."""
+    at, sep, event_id = cursor.partition(":")
+    try:
+        if not sep or not event_id:
+            raise ValueError(cursor)
+        return float(at), event_id
+    except ValueError:
+        raise ValueError(f"not a cursor of this listing: {cursor[:60]!r}") from None
 
 
 def delivery_state(value: bytes | None, held_state: str | None, has_attempts: bool
@@ -179,28 +192,34 @@ class Events:
                    order: str | None = None, since: float | None = None,
                    until: float | None = None, limit: int = 50, cursor: str | None = None
                    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Event summaries, newest first, and the cursor of the next page (or None)."""
-        # The page's upper bound is fixed at the first page (now, unless ``until``), so events
-        # arriving between pages do not shift the offsets of the next page.
-        top: float = until * 1000 if until is not None else time.time() * 1000
-        if cursor:
-            top_text, _, offset_text = cursor.partition(":")
-            top, offset = float(top_text), int(offset_text)
-        else:
-            offset = 0
-        low = since * 1000 if since is not None else "-inf"
+        """Event summaries, newest first, and the cursor of the next page (or None).
+
+        The cursor is the place of the last event examined (its time and ID), not an offset:
+        events arriving, or expiring from the index, between two pages move no event from one
+        page to the other."""
         index = self._k.order(order) if order else self._k.events
         if state == "dead" and subscriber and not order:
             index = self._k.dead(subscriber)
         wanted = subscriber is not None or state is not None
         chunk = SCAN_LIMIT if wanted else limit
-        ids = [text(m) for m in await self._r.zrevrangebyscore(
-            index, top, low, start=offset, num=chunk)]
+        low = since * 1000 if since is not None else "-inf"
+        top: float | str = until * 1000 if until is not None else "+inf"
+        entries: list[tuple[str, float]] = []
+        if cursor:
+            at, last = _position(cursor)
+            # Events at the very same millisecond as the last one: Redis lists them by ID,
+            # descending; those after it in that order are still to come.
+            ties = await self._scored(index, at, at)
+            entries = [(m, score) for m, score in ties if m.encode() < last.encode()]
+            top = f"({at:.0f}"
+        rest = await self._scored(index, top, low, num=chunk)
+        candidates = entries + rest
+        entries = candidates[:chunk]
         summaries = []
         examined = 0
-        for event_id in ids:
+        found = await self.summaries([event_id for event_id, _ in entries])
+        for summary in found:
             examined += 1
-            summary = await self.summary(event_id)
             if summary is None:
                 continue
             states = summary["states"]
@@ -212,26 +231,61 @@ class Events:
             summaries.append(summary)
             if len(summaries) == limit:
                 break
-        more = examined < len(ids) or len(ids) == chunk
-        next_cursor = f"{top:.0f}:{offset + examined}" if more else None
+        more = examined < len(candidates) or len(rest) == chunk
+        next_cursor = None
+        if more and examined:
+            event_id, score = entries[examined - 1]
+            next_cursor = f"{score:.0f}:{event_id}"
         return summaries, next_cursor
 
+    async def order(self, number: str) -> dict[str, Any]:
+        """Every event of one Ingram order, oldest first (at most ORDER_LIMIT), with each
+        subscriber's delivery state: the order's whole story, from its index."""
+        ids = [text(m) for m in await self._r.zrange(self._k.order(number), 0, ORDER_LIMIT)]
+        found = [s for s in await self.summaries(ids[:ORDER_LIMIT]) if s is not None]
+        if not found:
+            raise NotFound(f"no event for order {number!r} (never received, or expired)")
+        return {
+            "orderNumber": number,
+            "events": [{"eventId": s["eventId"], "receivedAt": s["receivedAt"],
+                        "topic": s["topic"], "eventTypes": s["eventTypes"],
+                        "states": s["states"]} for s in found],
+            "more": len(ids) > ORDER_LIMIT,
+            # Per ordered subscriber, where this order waits and why (ordered delivery).
+            "ordering": [],
+        }
+
     async def summary(self, event_id: str) -> dict[str, Any] | None:
+        return (await self.summaries([event_id]))[0]
+
+    async def summaries(self, event_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Each event's summary (None for one the hub no longer holds), in one round trip."""
         k = self._k
-        raw, record = await self._pipe([("get", k.event(event_id)),
-                                        ("hgetall", k.deliveries(event_id))])
-        if raw is None and not record:
-            return None
-        event = _decode_event(raw) if raw else None
-        states = {}
-        for name in self._subscribers_of(event, record):
-            states[name] = delivery_state(record.get(name.encode()), None, False)[0]
-        return {"eventId": event_id,
-                "topic": event.topic if event else None,
-                "eventTypes": list(event.event_types) if event else [],
-                "orderNumbers": list(event.order_numbers) if event else [],
-                "receivedAt": iso(event.received_at) if event else None,
-                "states": states}
+        results = await self._pipe([cmd for event_id in event_ids for cmd in (
+            ("get", k.event(event_id)), ("hgetall", k.deliveries(event_id)))])
+        out: list[dict[str, Any] | None] = []
+        for event_id, raw, record in zip(event_ids, results[0::2], results[1::2], strict=True):
+            if raw is None and not record:
+                out.append(None)
+                continue
+            event = _decode_event(raw) if raw else None
+            states = {}
+            for name in self._subscribers_of(event, record):
+                states[name] = delivery_state(record.get(name.encode()), None, False)[0]
+            out.append({"eventId": event_id,
+                        "topic": event.topic if event else None,
+                        "eventTypes": list(event.event_types) if event else [],
+                        "orderNumbers": list(event.order_numbers) if event else [],
+                        "receivedAt": iso(event.received_at) if event else None,
+                        "states": states})
+        return out
+
+    async def _scored(self, index: str, top: float | str, low: float | str,
+                      num: int | None = None) -> list[tuple[str, float]]:
+        """(member, score) of ``index`` from ``top`` down to ``low`` (the first ``num``)."""
+        found: Any = await self._r.zrevrangebyscore(
+            index, top, low, start=0 if num is not None else None, num=num, withscores=True)
+        return [(text(m), float(score)) for m, score in found]
 
     async def _pipe(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         async with self._r.pipeline(transaction=False) as pipe:

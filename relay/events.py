@@ -261,8 +261,14 @@ class Events:
     async def summaries(self, event_ids: list[str]) -> list[dict[str, Any] | None]:
         """Each event's summary (None for one the hub no longer holds), in one round trip."""
         k = self._k
-        results = await self._pipe([cmd for event_id in event_ids for cmd in (
-            ("get", k.event(event_id)), ("hgetall", k.deliveries(event_id)))])
+        names = [s.name for s in self._config.subscribers]
+        # Each subscriber's health once (paused or disabled: its pending deliveries are
+        # "paused"), then each event's two keys: one round trip.
+        results = await self._pipe([("hgetall", k.health(n)) for n in names] + [
+            cmd for event_id in event_ids for cmd in (
+                ("get", k.event(event_id)), ("hgetall", k.deliveries(event_id)))])
+        held = {n: public_state(h) for n, h in zip(names, results, strict=False)}
+        results = results[len(names):]
         out: list[dict[str, Any] | None] = []
         for event_id, raw, record in zip(event_ids, results[0::2], results[1::2], strict=True):
             if raw is None and not record:
@@ -271,7 +277,8 @@ class Events:
             event = _decode_event(raw) if raw else None
             states = {}
             for name in self._subscribers_of(event, record):
-                states[name] = delivery_state(record.get(name.encode()), None, False)[0]
+                states[name] = delivery_state(record.get(name.encode()), held.get(name),
+                                              False)[0]
             out.append({"eventId": event_id,
                         "topic": event.topic if event else None,
                         "eventTypes": list(event.event_types) if event else [],

@@ -335,6 +335,9 @@ def test_pause_holds_deliveries_and_resume_delivers_them(hub: Hub) -> None:
     time.sleep(0.3)
     assert hub.sink.on("/pa") == []  # nothing posted while paused
     assert hub.lanes("EV-PA-1")["pa"]["attempts"] == []
+    # Listings say "paused" too, as the event's page does (and find it by that state).
+    found = hub.get("/api/events?subscriber=pa&state=paused")["events"]
+    assert [(e["eventId"], e["states"]) for e in found] == [("EV-PA-1", {"pa": "paused"})]
 
     # Resumed within a second of the worker holding the attempt (while its gate's cached
     # "paused" verdict is still fresh): the released attempt must not be held again.

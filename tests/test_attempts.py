@@ -59,6 +59,8 @@ def subscribers(sink: Sink) -> list[dict[str, Any]]:
         sub("slow", timeout="300ms", max_attempts=1),
         sub("gz", max_attempts=1),
         sub("again", max_attempts=2),
+        {**sub("echo", max_attempts=1), "secret": "echo-secret-abcdefgh",
+         "headers": {"X-Api-Key": "echo-key-1234567890"}},
         sub("cb", max_attempts=20, circuit_breaker={"failures": 2, "cool_down": "300ms",
                                                     "max_cool_down": "300ms"}),
     ]
@@ -75,6 +77,11 @@ class Hub:
             503, {"Content-Encoding": "gzip", "Content-Type": "text/plain; charset=utf-8"},
             body=gzip.compress(("maintenance window é\n" * 3000).encode())))
         self.sink.behave("/again", lambda n: Reply(500, body=b"still down"))
+        # A debugging endpoint that echoes what it got, credentials and all.
+        self.sink.behave("/echo", lambda n: Reply(
+            400, {"X-Echo": "key echo-key-1234567890"},
+            body=b"bad request; you sent X-Api-Key: echo-key-1234567890, signed with "
+                 b"echo-secret-abcdefgh (ZWNoby1zZWNyZXQtYWJjZGVmZ2g=)"))
         self.sink.behave("/cb", lambda n: Reply(500 if n <= 2 else 200, body=b"cb says no"))
         self.path = write_config(tmp / "relay.yaml", redis_server.url, subscribers(self.sink),
                                  delivery={"timeout": "2s", "max_attempts": 3, "backoff": FAST},
@@ -184,6 +191,18 @@ def test_neither_a_secret_nor_its_base64_is_stored_in_the_attempt_log(hub: Hub) 
     for secret in secrets:
         assert secret.encode() not in text
         assert base64.b64encode(secret.encode()) not in text
+
+
+def test_an_answer_echoing_credentials_is_kept_without_them(hub: Hub) -> None:
+    hub.send("EV-AT-ECHO", "echo")
+    hub.wait_state("EV-AT-ECHO", "echo", "x")
+    (attempt,) = hub.log("EV-AT-ECHO", "echo")
+    assert attempt.response is not None
+    assert attempt.response.body == "bad request; you sent X-Api-Key: ***, signed with *** (***)"
+    assert lower(attempt.response.headers)["x-echo"] == "key ***"
+    stored = b"".join(hub.raw_log("EV-AT-ECHO", "echo"))
+    for secret in (b"echo-key-1234567890", b"echo-secret-abcdefgh"):
+        assert secret not in stored and base64.b64encode(secret) not in stored
 
 
 def test_a_2xx_keeps_status_and_headers_and_standard_signatures_as_sent(hub: Hub) -> None:

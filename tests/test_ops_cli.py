@@ -233,7 +233,7 @@ def test_status_table_and_subscribers_pause_resume(hub: Hub) -> None:
     assert lines[2].split()[:4] == ["SUBSCRIBER", "STATE", "OK", "1H"]
     table = {line.split()[0]: line.split() for line in lines[3:]}
     assert set(table) == {"cli-ok", "cli-dead", "cli-pause", "dl-a", "dl-b", "bulk", "gone",
-                          "rs"}
+                          "stuck", "rs"}
     assert lines[3].split()[:2] == ["cli-pause", "paused"]  # unhealthy first
     assert table["cli-ok"][1] == "active"
 

@@ -14,7 +14,12 @@ other work on a shared 2-core box makes absolute numbers noisy:
    long run (``--long N`` deliveries) comparing the first and last quarter of it;
 7. ``bigevents``: Ingram's largest events (4,000-SKU stock updates, ~1.7 MB) at fan-out 10:
    how much the worker's RSS grows per event held, delivered at once and through parked
-   attempts (a worker must hold one copy of an event, not one per subscriber).
+   attempts (a worker must hold one copy of an event, not one per subscriber);
+8. (``capture``) what keeping each attempt's request and response costs per delivery, CPU
+   and Redis bytes, against the record without them (bench/capture.py);
+9. (``ordering``) ordered delivery: ordered against unordered subscribers over distinct
+   orders, one order of 200 posted one after another, Redis bytes per waiting event
+   (bench/ordering.py).
 
 Everything runs as separate processes on 127.0.0.1 with a private redis-server; nothing here
 touches the shared Redis on 6379. ``--smoke`` does all of it with tiny counts in seconds.
@@ -61,7 +66,7 @@ FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
 PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "ordering",
-          "long", "bigevents")
+          "long", "bigevents", "capture")
 #: The obvious design is compared with the hub at this fan-out.
 OBVIOUS_FANOUT = 10
 
@@ -939,6 +944,14 @@ class Bench:
 
     # -- profiles ---------------------------------------------------------------------------
 
+    def capture_phase(self) -> None:
+        """What keeping each attempt's request and response costs (bench/capture.py)."""
+        from bench import capture
+
+        assert self.redis is not None
+        self.results["capture"] = capture.measure(self.redis, self.log_dir)
+        self.say("attempt capture, per delivery:\n" + capture.text(self.results["capture"]))
+
     def profile_ingress(self) -> None:
         from bench.profile import Recording, flame_svg, summarise
 
@@ -1043,6 +1056,8 @@ class Bench:
                 self.long_run()
             if "bigevents" in phases:
                 self.big_events_phase()
+            if "capture" in phases:
+                self.capture_phase()
         finally:
             stressed_throughout = self.stress is None or self.stress.alive()
             self.sampler.sample()
@@ -1192,7 +1207,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
     p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of " + ",".join(PHASES) + " (steady: lone "
-                        "events at a steady rate; obvious: the obvious design at fan-out 10)")
+                        "events at a steady rate; obvious: the obvious design at fan-out 10; "
+                        "capture: what keeping each attempt's request and response costs)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile with py-spy the ingress at saturation, the worker at "
                         "fan-out 1 and 10, and both during each steady stream; flame graphs "

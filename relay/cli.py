@@ -13,6 +13,7 @@ import asyncio
 import functools
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -348,21 +349,26 @@ def dlq_replay(subscriber: str | None, event_id: str | None, since: str | None,
     config = get_config()
     filters = _filters(subscriber, event_id, since, until)
 
-    async def replay() -> dict[str, int]:
+    async def replay() -> dict[str, Any]:
         async with _client(config) as client:
             letters = DeadLetters(client, config)
             first = await letters.replay(filters, dry_run=True)
             if dry_run or not first["remaining"]:
                 return first
-            total, done = first["remaining"], {"replayed": 0}
+            total, done = first["remaining"], {"replayed": 0, "failed": 0}
             # In chunks, with a progress bar on long replays (on stderr: stdout stays a count).
+            # Each chunk starts where the last ended: letters that cannot be replayed are
+            # passed once, not tried again by every chunk.
+            after = None
             with click.progressbar(length=total, label="replaying", file=sys.stderr,
                                    hidden=total < PROGRESS_FROM) as bar:
                 while True:
-                    step = await letters.replay(filters, limit=REPLAY_CHUNK)
+                    step = await letters.replay(filters, limit=REPLAY_CHUNK, after=after)
                     done["replayed"] += step["replayed"]
-                    bar.update(step["replayed"])
-                    if not step["remaining"] or not step["replayed"]:
+                    done["failed"] += step["failed"]
+                    bar.update(step["replayed"] + step["failed"])
+                    after = step["next"]
+                    if not after:
                         break
             return {**first, **done}
 
@@ -373,10 +379,12 @@ def dlq_replay(subscriber: str | None, event_id: str | None, since: str | None,
              f"letters, `relay dlq purge --subscriber {subscriber}` deletes them)")
     skipped = (f"; {result['skipped']} of subscribers no longer configured left as they are"
                if result["skipped"] else "")
+    failed = (f"; {result['failed']} could not be (their event has expired)"
+              if result["failed"] else "")
     if dry_run:
         click.echo(f"{result['remaining']} dead letter(s) would be replayed{skipped}")
     else:
-        click.echo(f"replayed {result['replayed']} dead letter(s){skipped}")
+        click.echo(f"replayed {result['replayed']} dead letter(s){failed}{skipped}")
 
 
 #: Replays of more letters than this show a progress bar; each step replays a chunk.
@@ -434,8 +442,9 @@ def events_show(event_id: str, as_json: bool) -> None:
         found = run(detail())
     except NotFound as exc:
         fail(str(exc), 1)
+    width = shutil.get_terminal_size().columns
     click.echo(msgspec.json.format(msgspec.json.encode(found)).decode() if as_json
-               else timeline(found))
+               else timeline(found, width))
 
 
 @events.command("list")
@@ -489,6 +498,37 @@ def events_resend(event_id: str, subscriber: str | None) -> None:
     except NotFound as exc:
         fail(str(exc))
     click.echo(f"queued {event_id} for {queued} subscriber(s)")
+
+
+@main.group()
+@with_config
+def orders() -> None:
+    """Orders: every event of an Ingram order number and where each subscriber stands."""
+
+
+@orders.command("show")
+@with_config
+@click.argument("number")
+@click.option("--json", "as_json", is_flag=True, help="The admin API's JSON instead.")
+def orders_show(number: str, as_json: bool) -> None:
+    """Every event of one order, oldest first, with each subscriber's state."""
+    import msgspec
+
+    from relay.events import Events, NotFound
+    from relay.tables import order_report
+
+    config = get_config()
+
+    async def read() -> dict[str, Any]:
+        async with _client(config) as client:
+            return await Events(client, config).order(number)
+
+    try:
+        found = run(read())
+    except NotFound as exc:
+        fail(str(exc), 1)
+    click.echo(msgspec.json.format(msgspec.json.encode(found)).decode() if as_json
+               else order_report(found))
 
 
 @main.command()

@@ -104,6 +104,27 @@ class Letter(msgspec.Struct, frozen=True):
         return self.attempts[-1].describe() if self.attempts else self.letter.reason
 
 
+def _key(entry: tuple[float, str, str]) -> tuple[int, str, str]:
+    """An index entry's place in the newest-first order, with the time in whole ms."""
+    return (round(entry[0] * 1000), entry[1], entry[2])
+
+
+def _cursor(entry: tuple[float, str, str]) -> str:
+    at, name, event_id = _key(entry)
+    return f"{at}|{name}|{event_id}"  # a subscriber name has no "|"; an eventId may, last
+
+
+def _position(cursor: str) -> tuple[int, str, str]:
+    at, _, rest = cursor.partition("|")
+    name, sep, event_id = rest.partition("|")
+    try:
+        if not sep:
+            raise ValueError(cursor)
+        return (int(at), name, event_id)
+    except ValueError:
+        raise ValueError(f"not a replay position: {cursor[:60]!r}") from None
+
+
 class DeadLetters:
     def __init__(self, client: aioredis.Redis, config: Config) -> None:
         self._r = client
@@ -168,24 +189,39 @@ class DeadLetters:
         return letters
 
     async def replay(self, filters: Filters, dry_run: bool = False,
-                     limit: int | None = None) -> dict[str, int]:
+                     limit: int | None = None, after: str | None = None) -> dict[str, Any]:
         """Queue matching dead letters again as fresh first attempts.
 
         Only letters of subscribers still configured are replayed (the others would only be
-        dead-lettered again as "subscriber removed"); they are counted as ``skipped``.
+        dead-lettered again as "subscriber removed"); they are counted as ``skipped``. A
+        letter whose event is gone (its record expired and the letter holds no copy) cannot
+        be replayed: it stays, counted as ``failed``.
+
+        With ``limit``, at most that many letters are tried, newest first, past ``after``
+        (the ``next`` of the call before): a client replays a large set in steps and passes
+        every letter once, whatever some of them do. ``remaining``: replayable letters past
+        this step; ``next``: where the next step starts (None when none remain).
         """
         self.check(filters)
         index = await self._index(filters)
+        if after:
+            mark = _position(after)
+            index = [e for e in index if _key(e) < mark]
         replayable = [e for e in index if self._config.subscriber(e[1]) is not None]
-        result = {"matched": len(index), "replayed": 0, "skipped": len(index) - len(replayable),
-                  "remaining": len(replayable)}
+        result: dict[str, Any] = {
+            "matched": len(index), "replayed": 0, "failed": 0,
+            "skipped": len(index) - len(replayable), "remaining": len(replayable),
+            "next": None}
         if dry_run:
             return result
         chosen = replayable if limit is None else replayable[:limit]
         for _, name, event_id in chosen:
             done = await self._replay_one(name, event_id)
             result["replayed"] += int(done == 1)
+            result["failed"] += int(done == -1)
         result["remaining"] = len(replayable) - len(chosen)
+        if result["remaining"] and chosen:
+            result["next"] = _cursor(chosen[-1])
         return result
 
     async def _replay_one(self, name: str, event_id: str) -> int:
@@ -194,7 +230,7 @@ class DeadLetters:
         if reply is None:
             return 0
         letter = _decode_letter(as_bytes(reply))
-        message = deliver_message(k.queue, event_id, [name], 1)
+        message = deliver_message(k.queue, event_id, [name], 1, trigger="replay")
         now = clock.now()
         keys = [k.letter(name, event_id), k.dead(name), k.event(event_id),
                 k.deliveries(event_id), k.queue, k.unclaimed, k.pending(name)]

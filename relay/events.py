@@ -28,6 +28,8 @@ from relay.timefmt import iso
 
 #: Most events one listing examines when filtering by subscriber or state.
 SCAN_LIMIT = 2000
+#: Most events an order's page lists (oldest first).
+ORDER_LIMIT = 500
 _decode_event = msgspec.msgpack.Decoder(StoredEvent).decode
 _decode_attempt = msgspec.msgpack.Decoder(Attempt).decode
 _decode_letter = msgspec.msgpack.Decoder(DeadLetter).decode
@@ -74,6 +76,17 @@ class NotFound(LookupError):
     pass
 
 
+def _position(cursor: str) -> tuple[float, str]:
+    """(time ms, event ID) from a listing's cursor; ValueError if it is not one."""
+    at, sep, event_id = cursor.partition(":")
+    try:
+        if not sep or not event_id:
+            raise ValueError(cursor)
+        return float(at), event_id
+    except ValueError:
+        raise ValueError(f"not a cursor of this listing: {cursor[:60]!r}") from None
+
+
 def delivery_state(value: bytes | None, held_state: str | None, has_attempts: bool
                    ) -> tuple[str, float | None]:
     """(state, next attempt at) of one (event, subscriber) from its delivery record."""
@@ -92,6 +105,28 @@ def delivery_state(value: bytes | None, held_state: str | None, has_attempts: bo
     if kind == b"h" or has_attempts:
         return "retrying", None
     return "pending", None
+
+
+def _headers(pairs: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """Header pairs as a JSON object; a name sent more than once has its values joined with
+    ", " (as HTTP allows)."""
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+def attempt_json(a: Attempt) -> dict[str, Any]:
+    """One attempt as the admin API shows it (docs/admin-api.md)."""
+    return {
+        "attempt": a.attempt, "at": iso(a.at), "status": a.status, "error": a.error,
+        "latencyMs": a.latency_ms, "probe": a.probe, "trigger": a.cause,
+        "request": ({"url": a.request.url, "headers": _headers(a.request.headers)}
+                    if a.request else None),
+        "response": ({"status": a.response.status, "headers": _headers(a.response.headers),
+                      "body": a.response.body, "truncated": a.response.truncated}
+                     if a.response else None),
+    }
 
 
 class Events:
@@ -128,9 +163,7 @@ class Events:
                                if state == "waiting" else None),
                 "nextAttemptAt": iso(next_at) if state == "retrying" else None,
                 "deadReason": _decode_letter(letter).reason if letter else None,
-                "attempts": [{"attempt": a.attempt, "at": iso(a.at), "status": a.status,
-                              "error": a.error, "latencyMs": a.latency_ms,
-                              "probe": a.probe} for a in attempts],
+                "attempts": [attempt_json(a) for a in attempts],
             })
         return {
             "eventId": event_id,
@@ -176,7 +209,8 @@ class Events:
             sub = self._config.subscriber(name)
             ordered = (event_keys(sub.ordering, event)
                        if sub is not None and sub.ordering is not None else ())
-            args += [name, deliver_message(k.queue, event_id, [name], 1), "\n".join(ordered)]
+            args += [name, deliver_message(k.queue, event_id, [name], 1, trigger="resend"),
+                     "\n".join(ordered)]
         return int(await self._r.eval(RESEND.text, len(keys), *keys, *args))
 
     # -- many events -------------------------------------------------------------------------
@@ -185,28 +219,34 @@ class Events:
                    order: str | None = None, since: float | None = None,
                    until: float | None = None, limit: int = 50, cursor: str | None = None
                    ) -> tuple[list[dict[str, Any]], str | None]:
-        """Event summaries, newest first, and the cursor of the next page (or None)."""
-        # The page's upper bound is fixed at the first page (now, unless ``until``), so events
-        # arriving between pages do not shift the offsets of the next page.
-        top: float = until * 1000 if until is not None else clock.now() * 1000
-        if cursor:
-            top_text, _, offset_text = cursor.partition(":")
-            top, offset = float(top_text), int(offset_text)
-        else:
-            offset = 0
-        low = since * 1000 if since is not None else "-inf"
+        """Event summaries, newest first, and the cursor of the next page (or None).
+
+        The cursor is the place of the last event examined (its time and ID), not an offset:
+        events arriving, or expiring from the index, between two pages move no event from one
+        page to the other."""
         index = self._k.order(order) if order else self._k.events
         if state == "dead" and subscriber and not order:
             index = self._k.dead(subscriber)
         wanted = subscriber is not None or state is not None
         chunk = SCAN_LIMIT if wanted else limit
-        ids = [text(m) for m in await self._r.zrevrangebyscore(
-            index, top, low, start=offset, num=chunk)]
+        low = since * 1000 if since is not None else "-inf"
+        top: float | str = until * 1000 if until is not None else "+inf"
+        entries: list[tuple[str, float]] = []
+        if cursor:
+            at, last = _position(cursor)
+            # Events at the very same millisecond as the last one: Redis lists them by ID,
+            # descending; those after it in that order are still to come.
+            ties = await self._scored(index, at, at)
+            entries = [(m, score) for m, score in ties if m.encode() < last.encode()]
+            top = f"({at:.0f}"
+        rest = await self._scored(index, top, low, num=chunk)
+        candidates = entries + rest
+        entries = candidates[:chunk]
         summaries = []
         examined = 0
-        for event_id in ids:
+        found = await self.summaries([event_id for event_id, _ in entries])
+        for summary in found:
             examined += 1
-            summary = await self.summary(event_id)
             if summary is None:
                 continue
             states = summary["states"]
@@ -218,26 +258,68 @@ class Events:
             summaries.append(summary)
             if len(summaries) == limit:
                 break
-        more = examined < len(ids) or len(ids) == chunk
-        next_cursor = f"{top:.0f}:{offset + examined}" if more else None
+        more = examined < len(candidates) or len(rest) == chunk
+        next_cursor = None
+        if more and examined:
+            event_id, score = entries[examined - 1]
+            next_cursor = f"{score:.0f}:{event_id}"
         return summaries, next_cursor
 
+    async def order(self, number: str) -> dict[str, Any]:
+        """Every event of one Ingram order, oldest first (at most ORDER_LIMIT), with each
+        subscriber's delivery state: the order's whole story, from its index."""
+        ids = [text(m) for m in await self._r.zrange(self._k.order(number), 0, ORDER_LIMIT)]
+        found = [s for s in await self.summaries(ids[:ORDER_LIMIT]) if s is not None]
+        if not found:
+            raise NotFound(f"no event for order {number!r} (never received, or expired)")
+        return {
+            "orderNumber": number,
+            "events": [{"eventId": s["eventId"], "receivedAt": s["receivedAt"],
+                        "topic": s["topic"], "eventTypes": s["eventTypes"],
+                        "states": s["states"]} for s in found],
+            "more": len(ids) > ORDER_LIMIT,
+            # Per ordered subscriber, where this order waits and why (ordered delivery).
+            "ordering": [],
+        }
+
     async def summary(self, event_id: str) -> dict[str, Any] | None:
+        return (await self.summaries([event_id]))[0]
+
+    async def summaries(self, event_ids: list[str]) -> list[dict[str, Any] | None]:
+        """Each event's summary (None for one the hub no longer holds), in one round trip."""
         k = self._k
-        raw, record = await self._pipe([("get", k.event(event_id)),
-                                        ("hgetall", k.deliveries(event_id))])
-        if raw is None and not record:
-            return None
-        event = _decode_event(raw) if raw else None
-        states = {}
-        for name in self._subscribers_of(event, record):
-            states[name] = delivery_state(record.get(name.encode()), None, False)[0]
-        return {"eventId": event_id,
-                "topic": event.topic if event else None,
-                "eventTypes": list(event.event_types) if event else [],
-                "orderNumbers": list(event.order_numbers) if event else [],
-                "receivedAt": iso(event.received_at) if event else None,
-                "states": states}
+        names = [s.name for s in self._config.subscribers]
+        # Each subscriber's health once (paused or disabled: its pending deliveries are
+        # "paused"), then each event's two keys: one round trip.
+        results = await self._pipe([("hgetall", k.health(n)) for n in names] + [
+            cmd for event_id in event_ids for cmd in (
+                ("get", k.event(event_id)), ("hgetall", k.deliveries(event_id)))])
+        held = {n: public_state(h) for n, h in zip(names, results, strict=False)}
+        results = results[len(names):]
+        out: list[dict[str, Any] | None] = []
+        for event_id, raw, record in zip(event_ids, results[0::2], results[1::2], strict=True):
+            if raw is None and not record:
+                out.append(None)
+                continue
+            event = _decode_event(raw) if raw else None
+            states = {}
+            for name in self._subscribers_of(event, record):
+                states[name] = delivery_state(record.get(name.encode()), held.get(name),
+                                              False)[0]
+            out.append({"eventId": event_id,
+                        "topic": event.topic if event else None,
+                        "eventTypes": list(event.event_types) if event else [],
+                        "orderNumbers": list(event.order_numbers) if event else [],
+                        "receivedAt": iso(event.received_at) if event else None,
+                        "states": states})
+        return out
+
+    async def _scored(self, index: str, top: float | str, low: float | str,
+                      num: int | None = None) -> list[tuple[str, float]]:
+        """(member, score) of ``index`` from ``top`` down to ``low`` (the first ``num``)."""
+        found: Any = await self._r.zrevrangebyscore(
+            index, top, low, start=0 if num is not None else None, num=num, withscores=True)
+        return [(text(m), float(score)) for m, score in found]
 
     async def _pipe(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         async with self._r.pipeline(transaction=False) as pipe:

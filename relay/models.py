@@ -166,10 +166,40 @@ class StoredEvent(msgspec.Struct, array_like=True, frozen=True, weakref=True):
     order_numbers: tuple[str, ...] = ()
 
 
+class SentRequest(msgspec.Struct, array_like=True, frozen=True):
+    """What an attempt sent, as kept in its record: the URL (credentials masked) and the
+    headers in the order sent (credential headers masked, signatures kept). Never the body:
+    that is the event's, stored once in ``event:{id}``."""
+
+    url: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Answer(msgspec.Struct, array_like=True, frozen=True):
+    """What came back: the status, the headers, the first ``ANSWER_BODY_BYTES`` of the body as
+    text (``truncated`` when there was more). ``body`` is None when it was not kept (a 2xx
+    keeps status and headers only: see docs/benchmarks.md, "What an attempt keeps")."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str | None = None
+    truncated: bool = False
+
+
+#: Bytes of a subscriber's answer body kept per attempt (the rest is never read).
+ANSWER_BODY_BYTES = 4096
+#: What set an attempt off: the hub's own retries, an operator (resend, replay), or the one
+#: attempt let through a half-open circuit breaker.
+TRIGGERS = ("auto", "resend", "replay", "probe")
+
+
 class Attempt(msgspec.Struct, array_like=True, frozen=True):
     """One delivery attempt, as kept in ``log:{id}:{sub}``: an HTTP status, or an error class
     when there was no answer. A probe (the one attempt let through a half-open circuit
-    breaker) that fails does not use up an attempt: it keeps its number."""
+    breaker) that fails does not use up an attempt: it keeps its number.
+
+    Fields after ``probe`` were added later, with defaults, so records written before them
+    still decode (``trigger`` None reads as ``auto``, or ``probe`` for a probe)."""
 
     at: float
     attempt: int
@@ -177,9 +207,17 @@ class Attempt(msgspec.Struct, array_like=True, frozen=True):
     error: str | None
     latency_ms: float
     probe: bool = False
+    trigger: str | None = None
+    request: SentRequest | None = None
+    response: Answer | None = None
 
     def describe(self) -> str:
         return f"HTTP {self.status}" if self.status is not None else (self.error or "?")
+
+    @property
+    def cause(self) -> str:
+        """The trigger, for records written before it was kept too."""
+        return self.trigger or ("probe" if self.probe else "auto")
 
 
 class DeadLetter(msgspec.Struct, array_like=True, frozen=True):

@@ -30,8 +30,9 @@ _SLOT = re.compile(rb'"@@(\w+)@@"')
 
 
 def deliver_message(queue: str, event_id: str | list[str], subscribers: list[str] | None,
-                    attempt: int, batch: str | None = None) -> bytes:
-    """A message that runs ``relay.deliver(event_id, subscribers, attempt[, batch])``.
+                    attempt: int, batch: str | None = None, trigger: str | None = None
+                    ) -> bytes:
+    """A message that runs ``relay.deliver(event_id, subscribers, attempt[, batch[, trigger]])``.
 
     ``subscribers`` None means "every subscriber whose filters match" (the first fan-out);
     a list names the subscribers to try (a retry, a replay, or a lease that expired).
@@ -42,10 +43,16 @@ def deliver_message(queue: str, event_id: str | list[str], subscribers: list[str
     The same arguments always give the same bytes (the task id is derived from them), so a
     worker can name, from its task's arguments alone, the member it must remove from
     ``unclaimed`` (see ``relay/keys.py``) and a lease written twice is one member, not two.
+
+    ``trigger`` (``resend``, ``replay``) names what an operator asked for; the attempt made
+    from this message records it (its retries, built without one, record ``auto``). Given only
+    when set, after ``batch`` (null then), so every other message keeps its exact bytes.
     """
     args: list[Any] = [event_id, subscribers, attempt]
-    if batch is not None:
+    if batch is not None or trigger is not None:
         args.append(batch)
+    if trigger is not None:
+        args.append(trigger)
     return task_message(queue, DELIVER_TASK, args)
 
 
@@ -101,6 +108,7 @@ class DeliverArgs(msgspec.Struct, array_like=True):
     subscribers: list[str] | None
     attempt: int
     batch: str | None = None
+    trigger: str | None = None
 
 
 def read_deliver_message(message: bytes) -> DeliverArgs:

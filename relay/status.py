@@ -26,6 +26,9 @@ from relay.timefmt import iso_ms
 _SEVERITY = {"disabled": 0, "open": 1, "half-open": 2, "paused": 3, "active": 4}
 WORKER_FRESH_MS = 60_000
 BACKLOG_DEGRADED_S = 60.0
+#: A subscriber that failed every attempt over this many minutes (the current one included)
+#: makes the hub "degraded".
+FAILING_MINUTES = 5
 
 
 class Status:
@@ -178,6 +181,10 @@ class Status:
             reasons.append(f"backlog is {backlog:.0f}s old")
         reasons += [f"subscriber {s['name']} is {s['state']}" for s in subs
                     if s["configured"] and s["state"] in ("open", "disabled")]
+        failing = failing_all(hour[-FAILING_MINUTES:], [s["name"] for s in subs
+                                                        if s["configured"]])
+        reasons += [f"{name}: every attempt failed in the last {FAILING_MINUTES} min"
+                    for name in failing]
         return {
             "status": "degraded" if reasons else "healthy",
             "reasons": reasons,
@@ -190,6 +197,7 @@ class Status:
             "deliveredLastHour": sum(s["delivered"] for s in subs),
             "failedLastHour": sum(s["failed"] for s in subs),
             "deadLetters": dead,
+            "failingSubscribers": failing,
             "now": iso_ms(now),
         }
 
@@ -219,6 +227,15 @@ class Status:
 
     async def totals(self) -> dict[str, float]:
         return {text(k): float(v) for k, v in (await self._r.hgetall(self._k.totals)).items()}
+
+
+def failing_all(minutes: list[dict[str, float]], names: list[str]) -> list[str]:
+    """The subscribers that failed every attempt over ``minutes`` (per-minute counters): at
+    least one failed, none delivered."""
+    def total(name: str, field: str) -> float:
+        return sum(m.get(f"{name}|{field}", 0) for m in minutes)
+
+    return [n for n in names if total(n, "f") > 0 and total(n, "d") == 0]
 
 
 def backlog_age(now_ms: float, since: bytes | None, first: list[tuple[bytes, float]]) -> float:

@@ -34,7 +34,15 @@ def _short(iso: str | None) -> str:
     return (iso or "-").replace("T", " ").replace("Z", "")
 
 
-def timeline(event: dict[str, Any]) -> str:
+def first_line(text: str | None, width: int) -> str:
+    """The first non-blank line of ``text``, stripped and cut to ``width`` characters."""
+    line = next((x.strip() for x in (text or "").splitlines() if x.strip()), "")
+    return line if len(line) <= width else line[:max(1, width - 1)] + "…"
+
+
+def timeline(event: dict[str, Any], width: int = 100) -> str:
+    """One event's story; under each failed attempt that got an answer, the first line of
+    its body, cut to ``width`` (the terminal's)."""
     lines = [f"event {event['eventId']}",
              f"  received  {_short(event['receivedAt'])} UTC" if event["receivedAt"]
              else "  received  (record expired)",
@@ -53,9 +61,32 @@ def timeline(event: dict[str, Any]) -> str:
         lines.append(f"  -> {d['subscriber']}{removed}: {d['state']}{extra}")
         for a in d["attempts"]:
             result = f"HTTP {a['status']}" if a["status"] is not None else (a["error"] or "?")
-            probe = " (probe)" if a.get("probe") else ""
+            trigger = a.get("trigger") or ("probe" if a.get("probe") else "auto")
+            tag = "" if trigger == "auto" else f" ({trigger})"
             lines.append(f"       #{a['attempt']} {_short(a['at'])}  {result:<14} "
-                         f"{a['latencyMs']:>8.1f} ms{probe}")
+                         f"{a['latencyMs']:>8.1f} ms{tag}")
+            response = a.get("response")
+            failed = a["status"] is None or not 200 <= a["status"] < 300
+            if failed and response and response.get("body"):
+                lines.append("          " + first_line(response["body"], width - 10))
+    return "\n".join(lines)
+
+
+def order_report(order: dict[str, Any]) -> str:
+    """An order's events, oldest first, one column per subscriber; then where it waits."""
+    events = order["events"]
+    names = list(dict.fromkeys(n for e in events for n in e["states"]))
+    lines = [f"order {order['orderNumber']}: {len(events)} event(s)"
+             + (" (the oldest shown; more exist)" if order.get("more") else "")]
+    rows = [("EVENT", "RECEIVED (UTC)", "TYPES", *[n.upper() for n in names])]
+    for e in events:
+        rows.append((e["eventId"], _short(e["receivedAt"]), ",".join(e["eventTypes"]) or "-",
+                     *[e["states"].get(n, "-") for n in names]))
+    lines.append(table(rows))
+    for o in order.get("ordering") or []:
+        since = f" since {_short(o.get('since'))} UTC" if o.get("since") else ""
+        lines.append(f"{o['subscriber']}: {o['state']}{since}, head {o.get('headEventId')}, "
+                     f"{o.get('waiting', 0)} waiting behind it")
     return "\n".join(lines)
 
 

@@ -50,6 +50,8 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    #: The answer's body (default ``ok``).
+    body: bytes | None = None
 
 
 class Sink:
@@ -121,6 +123,8 @@ class Sink:
             self._open[request.path] -= 1
             self.received.append(Received(time.time(), request.path, dict(request.headers),
                                           body, arrived, list(request.headers.items())))
+        if reply.body is not None:
+            return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
         return web.Response(status=reply.status, headers=reply.headers, text="ok")
 
     def start(self) -> Sink:
@@ -419,3 +423,26 @@ def enqueue_events(client: Any, bodies: list[bytes], prefix: str = "relay:",
 
     assert all(_run(accept())), "some events were stored before"
     return [r.event_id for r in records]
+
+
+def plant_expired_letters(client: Any, prefix: str, subscriber: str, count: int,
+                          tag: str = "EXP") -> list[str]:
+    """``count`` dead letters of ``subscriber`` whose event has expired (no record, no copy in
+    the letter: they cannot be replayed), dead-lettered just now (newest first in listings).
+    As the outcome script writes them for reason ``event expired``."""
+    from relay.keys import Keys
+    from relay.models import DeadLetter
+
+    keys = Keys(prefix=prefix)
+    now = time.time()
+    ids = [f"EV-{tag}-{n:04d}" for n in range(count)]
+    pipe = client.pipeline(transaction=False)
+    for n, event_id in enumerate(ids):
+        at = now + n / 1000
+        pipe.set(keys.letter(subscriber, event_id),
+                 msgspec.msgpack.encode(DeadLetter(event_id, subscriber, "event expired", at,
+                                                   None)), ex=86400)
+        pipe.zadd(keys.dead(subscriber), {event_id: int(at * 1000)})
+    pipe.sadd(keys.dead_subscribers, subscriber)
+    pipe.execute()
+    return ids

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import msgspec
 import pytest
@@ -28,7 +29,9 @@ from tests.hub import (
     Sink,
     call,
     enqueue_event,
+    enqueue_events,
     order_event,
+    plant_expired_letters,
     worker,
     write_config,
 )
@@ -62,6 +65,11 @@ def subscribers(sink: Sink) -> list[dict[str, Any]]:
         sub("rs", "resend"),
         sub("st", "stats"),
         sub("me", "metrics"),
+        sub("or-ok", "order"),
+        sub("or-dead", "order", max_attempts=1),
+        sub("fa-bad", "failing", max_attempts=1),
+        sub("rq", "replayq", max_attempts=1),
+        sub("pg", "paging"),
     ]
 
 
@@ -72,7 +80,7 @@ class Hub:
         self.tmp = tmp
         self.sink = Sink().start()
         self.sink.behave("/tl-retry", lambda n: Reply(503, {"Retry-After": "120"}))
-        for path in ("/tl-dead", "/ta-dead", "/rp", "/pu"):
+        for path in ("/tl-dead", "/ta-dead", "/rp", "/pu", "/or-dead", "/fa-bad", "/rq"):
             self.sink.behave(path, lambda n: Reply(500))
         self.sink.behave_per_event("/ta-flaky", lambda event, n: Reply(500 if n == 1 else 200))
         self.path = write_config(tmp / "relay.yaml", redis_server.url, subscribers(self.sink),
@@ -241,6 +249,49 @@ def test_events_are_found_by_order_number_filtered_and_paged_with_the_cursor(hub
     assert status == 400 and "since" in error["error"]
 
 
+def test_the_events_cursor_keeps_its_place_while_events_arrive_and_expire(hub: Hub) -> None:
+    # Five events stored in one batch share their receive time to the millisecond: the
+    # cursor orders them by ID as well.
+    ids = enqueue_events(hub.redis, [order_event(f"EV-PG-{n}", "t::paging", ("20-PG001",))
+                                     for n in range(5)], PREFIX)
+    for event_id in ids:
+        hub.wait_states(event_id, {"pg": "delivered"})
+
+    def page(cursor: str = "") -> tuple[list[str], str | None]:
+        got = hub.get(f"/api/events?order=20-PG001&limit=2&cursor={quote(cursor)}")
+        return [e["eventId"] for e in got["events"]], got["next"]
+
+    first, cursor = page()
+    assert len(first) == 2 and cursor
+    # Between pages: a newer event arrives, and those already shown expire from the index.
+    hub.send("EV-PG-NEW", "paging", ("20-PG001",))
+    hub.redis.zrem(hub.keys.order("20-PG001"), *first)
+    second, cursor = page(cursor)
+    assert cursor
+    third, last = page(cursor)
+    assert last is None
+    assert first + second + third == sorted(ids, reverse=True)  # each once, none skipped
+    status, error = hub.api("GET", "/api/events?cursor=nonsense")
+    assert status == 400 and "cursor" in error["error"]
+
+
+def test_an_order_lists_its_events_oldest_first_with_each_subscribers_state(hub: Hub) -> None:
+    hub.send("EV-OR-1", "order", ("20-OR001",))
+    time.sleep(0.01)
+    hub.send("EV-OR-2", "order", ("20-OR002", "20-OR001"))
+    for event_id in ("EV-OR-1", "EV-OR-2"):
+        hub.wait_states(event_id, {"or-ok": "delivered", "or-dead": "dead"})
+    order = hub.get("/api/orders/20-OR001")
+    assert order["orderNumber"] == "20-OR001" and order["ordering"] == []
+    assert [e["eventId"] for e in order["events"]] == ["EV-OR-1", "EV-OR-2"]
+    first = order["events"][0]
+    assert first["eventTypes"] == ["t::order"] and first["receivedAt"].endswith("Z")
+    assert first["states"] == {"or-ok": "delivered", "or-dead": "dead"}
+    assert [e["eventId"] for e in hub.get("/api/orders/20-OR002")["events"]] == ["EV-OR-2"]
+    status, missing = hub.api("GET", "/api/orders/20-NOSUCH")
+    assert status == 404 and "20-NOSUCH" in missing["error"]
+
+
 # -- subscribers -------------------------------------------------------------------------------
 
 
@@ -284,6 +335,9 @@ def test_pause_holds_deliveries_and_resume_delivers_them(hub: Hub) -> None:
     time.sleep(0.3)
     assert hub.sink.on("/pa") == []  # nothing posted while paused
     assert hub.lanes("EV-PA-1")["pa"]["attempts"] == []
+    # Listings say "paused" too, as the event's page does (and find it by that state).
+    found = hub.get("/api/events?subscriber=pa&state=paused")["events"]
+    assert [(e["eventId"], e["states"]) for e in found] == [("EV-PA-1", {"pa": "paused"})]
 
     # Resumed within a second of the worker holding the attempt (while its gate's cached
     # "paused" verdict is still fresh): the released attempt must not be held again.
@@ -350,6 +404,30 @@ def test_replay_dry_run_then_real_with_limit_and_unconfigured_subscriber_refused
     assert status == 400 and "limit" in error["error"]
     status, error = hub.api("POST", "/api/replay", b"not json")
     assert status == 400 and "JSON" in error["error"]
+
+
+def test_replay_in_steps_passes_letters_that_cannot_be_replayed_once(hub: Hub) -> None:
+    events = [hub.send(f"EV-RQ-{n}", "replayq") for n in (1, 2)]
+    for event_id in events:
+        hub.wait_states(event_id, {"rq": "dead"})
+    expired = plant_expired_letters(hub.redis, PREFIX, "rq", 5)  # newer: listed first
+    hub.sink.behave("/rq", lambda n: Reply(200))
+    steps, after = [], None
+    while True:
+        status, step = hub.api("POST", "/api/replay", {"subscriber": "rq", "limit": 3,
+                                                       **({"after": after} if after else {})})
+        assert status == 200, step
+        steps.append((step["replayed"], step["failed"], step["remaining"]))
+        after = step["next"]
+        if not after:
+            break
+    # 5 that cannot be replayed (newest), then the 2 that can: each letter is tried once.
+    assert steps == [(0, 3, 4), (1, 2, 1), (1, 0, 0)]
+    got = hub.sink.wait_for("/rq", 4)
+    assert sorted(r.event_id for r in got[2:]) == events
+    assert {d["eventId"] for d in hub.dlq("subscriber=rq")["deadLetters"]} == set(expired)
+    status, error = hub.api("POST", "/api/replay", {"subscriber": "rq", "after": "x"})
+    assert status == 400 and "after" in error["error"]
 
 
 def test_delete_dlq_dry_run_then_by_event_and_by_subscriber(hub: Hub) -> None:
@@ -425,6 +503,17 @@ def test_stats_series_move_with_deliveries(hub: Hub) -> None:
     assert status == 400 and "minutes" in error["error"]
 
 
+def test_the_hub_is_degraded_while_a_subscriber_fails_every_attempt(hub: Hub) -> None:
+    hub.send("EV-FA-1", "failing")
+    hub.wait_states("EV-FA-1", {"fa-bad": "dead"})
+    overview = hub.get("/api/overview")
+    assert overview["status"] == "degraded"
+    assert "fa-bad: every attempt failed in the last 5 min" in overview["reasons"]
+    assert "fa-bad" in overview["failingSubscribers"]
+    assert "tl-ok" not in overview["failingSubscribers"]  # it delivered
+    assert "pa" not in overview["failingSubscribers"]  # no attempt at all
+
+
 def test_metrics_count_deliveries_made_by_two_worker_processes(hub: Hub) -> None:
     """Two workers, one after the other: the first one's deliveries, counted in Redis, are
     still in the scrape after it has stopped; the second one's are added to them."""
@@ -483,8 +572,12 @@ def test_token_auth_on_every_route_but_healthz_and_the_console_files(hub: Hub) -
     assert status == 200 and health == {"status": "ok"}
     status, headers, page = call(url + "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert "console.js" in page
-    assert call(url + "/static/console.js")[0] == 200
+    assert 'type="module" src="static/js/main.js"' in page
+    # ES modules, served without the token, as JavaScript (a module with another type is
+    # refused by the browser).
+    for module in ("main", "api", "dom", "charts", "overview", "events", "event", "order", "dlq"):
+        status, headers, _ = call(url + f"/static/js/{module}.js")
+        assert status == 200 and "javascript" in headers["Content-Type"], (module, headers)
 
 
 def test_a_token_is_required_when_admin_host_is_not_loopback(tmp_path: Path) -> None:

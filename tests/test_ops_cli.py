@@ -21,14 +21,27 @@ import msgspec
 import pytest
 import yaml
 
+from relay.cli import REPLAY_CHUNK
 from relay.config import load_config
 from relay.keys import Keys
-from tests.hub import Reply, Sink, enqueue_event, enqueue_events, order_event, worker, write_config
+from tests.hub import (
+    Reply,
+    Sink,
+    enqueue_event,
+    enqueue_events,
+    order_event,
+    plant_expired_letters,
+    worker,
+    write_config,
+)
 from tests.support import ROOT, RedisServer, relay_cmd, wait_until
 
 PREFIX = "opscli:"
 FAST = {"initial": "50ms", "max": "100ms"}
 BULK = 205  # more than the 200 from which `relay dlq replay` shows a progress bar
+#: What cli-dead answers (HTTP 500): a blank line, a long first line, then more.
+CLI_DEAD_PAGE = (b"\n  ORA-01555: snapshot too old: rollback segment number 12 with name "
+                 b"_SYSSMU12$ too small while posting order 20-CLI001\n<html>stack</html>\n")
 
 
 class Hub:
@@ -46,9 +59,11 @@ class Hub:
                 sub("dl-a", "dlq", max_attempts=1), sub("dl-b", "dlq", max_attempts=1),
                 sub("bulk", "bulk", max_attempts=1),
                 sub("gone", "gone", max_attempts=1),
+                sub("stuck", "stuck", max_attempts=1),
                 sub("rs", "resend")]
-        for path in ("/cli-dead", "/dl-a", "/dl-b", "/bulk", "/gone"):
+        for path in ("/dl-a", "/dl-b", "/bulk", "/gone", "/stuck"):
             sink.behave(path, lambda n: Reply(500))
+        sink.behave("/cli-dead", lambda n: Reply(500, body=CLI_DEAD_PAGE))
         self.config = write_config(tmp / "relay.yaml", redis_server.url, subs,
                                    delivery={"timeout": "2s", "max_attempts": 3, "backoff": FAST},
                                    redis={"prefix": PREFIX})
@@ -115,8 +130,17 @@ def test_events_show_prints_the_timeline_and_json_and_list_finds_by_order(hub: H
     ok = lines.index("  -> cli-ok: delivered")
     assert lines[ok + 1].split()[0] == "#1" and "HTTP 200" in lines[ok + 1]
     dead = lines.index("  -> cli-dead: dead: 2 attempts failed")
-    assert [line.split()[0] for line in lines[dead + 1:dead + 3]] == ["#1", "#2"]
-    assert all("HTTP 500" in line and line.endswith(" ms") for line in lines[dead + 1:dead + 3])
+    attempts = lines[dead + 1:dead + 5]
+    assert [line.split()[0] for line in attempts[0::2]] == ["#1", "#2"]
+    assert all("HTTP 500" in line and line.endswith(" ms") for line in attempts[0::2])
+    # Under each failed attempt: the first line of the answer's body, cut to the terminal.
+    first = "ORA-01555: snapshot too old: rollback segment number 12 with name _SYSSMU12$ too"
+    assert all(line.startswith("          " + first[:40]) for line in attempts[1::2])
+    narrow = subprocess.run(relay_cmd("events", "show", "EV-CLI-1", "--config", str(hub.config)),
+                            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "COLUMNS": "60"})
+    cut = [line for line in narrow.stdout.splitlines() if "ORA-01555" in line]
+    assert cut and all(line == "          " + first[:49] + "…" for line in cut), cut
 
     out = hub.relay("events", "show", "EV-CLI-1", "--json")
     assert out.returncode == 0, out.stderr
@@ -144,6 +168,33 @@ def test_events_show_prints_the_timeline_and_json_and_list_finds_by_order(hub: H
     out = hub.relay("events", "list", "--subscriber", "cli-dead", "--state", "dead", "--limit", "1")
     assert [r[0] for r in rows(out.stdout)] in (["EV-CLI-2"], ["EV-CLI-1"])
     assert hub.relay("events", "list", "--order", "20-NOSUCH").stdout.strip() == "no events"
+
+
+def test_orders_show_lists_an_orders_events_oldest_first_with_each_subscribers_state(
+        hub: Hub) -> None:
+    hub.send("EV-ORD-1", "show", ("20-ORD001",))
+    time.sleep(0.01)
+    hub.send("EV-ORD-2", "show", ("20-ORD001", "20-ORD002"))
+    for event_id in ("EV-ORD-1", "EV-ORD-2"):
+        hub.wait_state(event_id, "cli-ok", "d")
+        hub.wait_state(event_id, "cli-dead", "x")
+    out = hub.relay("orders", "show", "20-ORD001")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "order 20-ORD001: 2 event(s)"
+    assert lines[1].split() == ["EVENT", "RECEIVED", "(UTC)", "TYPES", "CLI-OK", "CLI-DEAD"]
+    assert [line.split()[0] for line in lines[2:]] == ["EV-ORD-1", "EV-ORD-2"]  # oldest first
+    assert all(line.split()[-2:] == ["delivered", "dead"] for line in lines[2:])
+
+    out = hub.relay("orders", "show", "20-ORD001", "--json")
+    order = msgspec.json.decode(out.stdout)
+    assert order["orderNumber"] == "20-ORD001" and order["ordering"] == []
+    assert [(e["eventId"], e["states"]) for e in order["events"]] == [
+        ("EV-ORD-1", {"cli-ok": "delivered", "cli-dead": "dead"}),
+        ("EV-ORD-2", {"cli-ok": "delivered", "cli-dead": "dead"})]
+
+    out = hub.relay("orders", "show", "20-NOSUCH")
+    assert out.returncode == 1 and out.stderr.startswith("error: no event for order '20-NOSUCH'")
 
 
 def test_events_resend_delivers_again_to_every_or_one_subscriber(hub: Hub) -> None:
@@ -182,7 +233,7 @@ def test_status_table_and_subscribers_pause_resume(hub: Hub) -> None:
     assert lines[2].split()[:4] == ["SUBSCRIBER", "STATE", "OK", "1H"]
     table = {line.split()[0]: line.split() for line in lines[3:]}
     assert set(table) == {"cli-ok", "cli-dead", "cli-pause", "dl-a", "dl-b", "bulk", "gone",
-                          "rs"}
+                          "stuck", "rs"}
     assert lines[3].split()[:2] == ["cli-pause", "paused"]  # unhealthy first
     assert table["cli-ok"][1] == "active"
 
@@ -304,6 +355,23 @@ def test_dlq_replay_of_many_letters_shows_a_progress_bar(hub: Hub) -> None:
     got = hub.sink.wait_for("/bulk", 2 * BULK, timeout=30)
     assert sorted(r.event_id for r in got[BULK:]) == sorted(ids)
     assert hub.dead("bulk") == 0
+
+
+def test_dlq_replay_goes_on_past_letters_that_cannot_be_replayed(hub: Hub) -> None:
+    # Two letters that can be replayed, behind (older than) more letters than one replay
+    # step takes whose event has expired: every step must move on, not stop at the first
+    # step that replays nothing.
+    events = [hub.send(f"EV-STUCK-{n}", "stuck") for n in (1, 2)]
+    wait_until(lambda: hub.dead("stuck") == 2, 15, what="2 dead letters for stuck")
+    expired = plant_expired_letters(hub.redis, PREFIX, "stuck", REPLAY_CHUNK + 20)
+    hub.sink.behave("/stuck", lambda n: Reply(200))
+    out = hub.relay("dlq", "replay", "--subscriber", "stuck")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (f"replayed 2 dead letter(s); {len(expired)} could not be "
+                                  "(their event has expired)")
+    got = hub.sink.wait_for("/stuck", 4)
+    assert sorted(r.event_id for r in got[2:]) == events
+    assert hub.dead("stuck") == len(expired)
 
 
 def test_dlq_for_a_subscriber_not_configured(hub: Hub) -> None:

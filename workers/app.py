@@ -153,12 +153,13 @@ def create_app(config: Config, scheduler: bool = True) -> Celery:
 
     @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
     def deliver(self: Any, event_id: str | list[str], subscribers: list[str] | None,
-                attempt: int, batch: str | None = None) -> None:
+                attempt: int, batch: str | None = None, trigger: str | None = None) -> None:
         """Lease and start the attempts for one event or a batch of them (to every matching
-        subscriber, or to those named): handed to this process's delivery loop."""
+        subscriber, or to those named): handed to this process's delivery loop. ``trigger``:
+        what an operator asked for (``resend``, ``replay``), recorded with the attempt."""
         _catch_up()
         try:
-            get_engine(live_config()).start(event_id, subscribers, attempt, batch)
+            get_engine(live_config()).start(event_id, subscribers, attempt, batch, trigger)
         except (RedisError, OSError) as exc:
             # Not acknowledged: back to the queue, tried again once Redis answers.
             raise Reject(repr(exc), requeue=True) from exc

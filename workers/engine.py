@@ -94,7 +94,8 @@ class _Plan:
     def __init__(self) -> None:
         self.redis = LeasePlan(held=defaultdict(dict), moves=defaultdict(list),
                                parked=defaultdict(dict), pending=defaultdict(dict))
-        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes]] = []
+        #: (event, subscriber, attempt, lease, trigger)
+        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None]] = []
         #: (event id, subscriber, reason, event, the pulled member it was, if it was one)
         self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None,
                               bytes | None]] = []
@@ -159,7 +160,7 @@ class Engine:
     # -- called from other threads ----------------------------------------------------------
 
     def start(self, event_ids: str | list[str], subscribers: list[str] | None, attempt: int,
-              batch: str | None = None) -> None:
+              batch: str | None = None, trigger: str | None = None) -> None:
         """Hand one task's events to the loop, which routes, leases and launches them.
 
         The task does not wait for that (two Redis round trips on a busy loop, ~5-10 ms): it
@@ -172,7 +173,8 @@ class Engine:
         """
         self._wait_for_room()
         future = asyncio.run_coroutine_threadsafe(
-            self._start_until_done(event_ids, subscribers, attempt, batch), self._loop)
+            self._start_until_done(event_ids, subscribers, attempt, batch, trigger),
+            self._loop)
         with self._pending_lock:
             self._pending.add(future)
         future.add_done_callback(self._started)
@@ -206,12 +208,13 @@ class Engine:
             self._pending.discard(future)
 
     async def _start_until_done(self, event_ids: str | list[str], names: list[str] | None,
-                                attempt: int, batch: str | None) -> int:
+                                attempt: int, batch: str | None, trigger: str | None = None
+                                ) -> int:
         """``_start``, retried while Redis is away (PERSIST_FOR), dead-lettering what can
         never be processed."""
         try:
             started = await self._until_redis_answers(
-                lambda: self._start(event_ids, names, attempt, batch),
+                lambda: self._start(event_ids, names, attempt, batch, trigger),
                 "starting a task's deliveries",
                 "task not started: redis unavailable; its message is queued again from unclaimed",
                 {"eventId": event_ids})
@@ -220,11 +223,12 @@ class Engine:
             # Not a passing condition: retrying would fail the same way, forever.
             log.exception("task cannot be processed; its events are dead-lettered",
                           extra={"eventId": event_ids, "subscribers": names})
-            await self._give_up(event_ids, names, attempt, batch, exc)
+            await self._give_up(event_ids, names, attempt, batch, exc, trigger)
             return 0
 
     async def _give_up(self, event_ids: str | list[str], names: list[str] | None,
-                       attempt: int, batch: str | None, error: BaseException) -> None:
+                       attempt: int, batch: str | None, error: BaseException,
+                       trigger: str | None = None) -> None:
         """A task failed in a way no retry can mend: dead-letter its events and drop its
         message, so it is not queued again forever (holding up the rest of its batch)."""
         reason = f"cannot be processed: {type(error).__name__}: {error}"[:300]
@@ -232,7 +236,7 @@ class Engine:
         plan = _Plan()
         plan.dead = [(event_id, self.subscribers.get(name, name), reason, None, None)
                      for event_id in ids for name in names or [ANY]]
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
+        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
         # The letters, then the note: if Redis never takes the letters, the note stays and
         # the message is queued again (and fails the same way, and is dead-lettered then).
         await self._persist(lambda: self._commit(plan, taken))
@@ -268,17 +272,18 @@ class Engine:
     # -- a task: route, lease, launch --------------------------------------------------------
 
     async def _start(self, event_ids: str | list[str], names: list[str] | None, attempt: int,
-                     batch: str | None) -> int:
+                     batch: str | None, trigger: str | None = None) -> int:
         # This task's own message: noted in ``unclaimed`` when queued, dropped from it here
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch)
+        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
         loaded = await self._load(ids, batch is not None)
         unknown = await self._known_elsewhere(names)
         plan, now = _Plan(), now_ms()
         for event_id, item in zip(ids, loaded, strict=True):
             try:
-                self._plan_event(plan, event_id, item, names, attempt, batch, unknown, now)
+                self._plan_event(plan, event_id, item, names, attempt, batch, unknown, now,
+                                 trigger=trigger)
             except Exception as exc:  # a poisoned event: dead-letter it, deliver the rest
                 log.exception("event cannot be processed; dead-lettered",
                               extra={"eventId": event_id})
@@ -322,7 +327,7 @@ class Engine:
                                      else target.name, f"{event_id}: {reason}")
             await self.ledger.lease(plan.redis, taken)
         except BaseException:
-            for _, sub, _, _ in plan.launch:
+            for _, sub, *_ in plan.launch:
                 self.lanes[sub.name].held -= 1
             raise
         for name in plan.redis.parked:
@@ -333,19 +338,21 @@ class Engine:
                 # Its posts ended while the plan was written: no post is left whose end would
                 # pull the parked attempts, so pull now rather than at the next poll (1 s).
                 self._background_pull(name)
-        for event, sub, attempt, lease in plan.launch:
+        for event, sub, attempt, lease, trigger in plan.launch:
             self.leases.track(lease, plan.leases[lease], sub)
             lane = self.lanes[sub.name]
             if lane.open < lane.width:
-                self._open(lane, event, sub, attempt, lease)
+                self._open(lane, event, sub, attempt, lease, trigger)
             else:
-                lane.waiting.append((event, sub, attempt, lease))
+                lane.waiting.append((event, sub, attempt, lease, trigger))
 
     def _plan_event(self, plan: _Plan, event_id: str, item: Loaded, names: list[str] | None,
                     attempt: int, batch: str | None, unknown: dict[str, bool], now: int,
-                    lease: bytes | None = None) -> None:
+                    lease: bytes | None = None, trigger: str | None = None) -> None:
         """Decide what happens to one event's attempts. ``lease``: a parked attempt pulled
-        back (its own message is its lease)."""
+        back (its own message is its lease). ``trigger``: an operator's resend or replay,
+        kept by this attempt's own message when it is held or parked (not by its lease: the
+        retries it leads to are ``auto``)."""
         event = item.event
         if item.error is not None:
             raise ValueError(item.error)  # dead-lettered by the caller, the rest go on
@@ -371,7 +378,8 @@ class Engine:
             missing = [n for n in named if n not in self.subscribers and n not in item.done]
         for name in missing:
             if unknown.get(name):  # another live worker knows it: leave it to them
-                message = deliver_message(self.keys.queue, event_id, [name], attempt)
+                message = deliver_message(self.keys.queue, event_id, [name], attempt,
+                                          trigger=trigger)
                 plan.leases[message] = now + PARK_UNKNOWN_MS
             else:
                 plan.dead.append((event_id, name, "subscriber removed", event, lease))
@@ -382,7 +390,8 @@ class Engine:
                 continue
             plan.redis.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
-            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt)
+            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt,
+                                  trigger=trigger)
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
@@ -406,7 +415,7 @@ class Engine:
                 own_lease = lease or deliver_message(self.keys.queue, event_id, [sub.name],
                                                      attempt + 1)
                 plan.leases[own_lease] = now + self.leases.lease_ms(sub)
-                plan.launch.append((event, sub, attempt, own_lease))
+                plan.launch.append((event, sub, attempt, own_lease, trigger))
                 lane.held += 1
 
     def _fan_out(self, event: StoredEvent, item: Loaded) -> tuple[list[Subscriber], list[str]]:
@@ -478,7 +487,7 @@ class Engine:
         for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
             try:
                 self._plan_event(plan, event_id, item, [sub.name], args.attempt, None, {}, now,
-                                 lease=member)
+                                 lease=member, trigger=args.trigger)
             except Exception as exc:
                 plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
                                   item.event, member))
@@ -547,9 +556,9 @@ class Engine:
             log.warning("could not pull parked attempts", extra={"error": repr(task.exception())})
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
-              lease: bytes) -> None:
+              lease: bytes, trigger: str | None = None) -> None:
         lane.open += 1
-        task = asyncio.create_task(self._deliver(event, sub, attempt, lease))
+        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, lane, lease))
 
@@ -571,12 +580,13 @@ class Engine:
     # -- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
-                       lease: bytes) -> None:
+                       lease: bytes, trigger: str | None = None) -> None:
         verdict = GO if self.gate.fast(sub) else await self.gate.admit(sub)
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
             self.leases.forget(lease)
-            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt)
+            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt,
+                                     trigger=trigger)
             await self._persist(lambda: self.ledger.hold(sub.name, lease, member))
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
@@ -585,8 +595,12 @@ class Engine:
         # The outcome write below re-scores or removes the lease: stop renewing it first.
         self.leases.forget(lease)
         self.lanes[sub.name].observe(outcome.latency_ms)
+        # What was sent and what came back, credentials masked (workers/http.py); a 2xx
+        # keeps no body (docs/benchmarks.md, "What an attempt keeps").
         record = Attempt(clock.now(), attempt, outcome.status, outcome.error, outcome.latency_ms,
-                         verdict.probe)
+                         verdict.probe, "probe" if verdict.probe else (trigger or "auto"),
+                         http.sent_request(sub, headers),
+                         http.answer(sub, outcome, keep_body=not outcome.ok))
         context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
                    "status": outcome.status, "error": outcome.error,
                    "latency_ms": outcome.latency_ms}

@@ -299,11 +299,19 @@ async def events(request: web.Request) -> web.Response:
     if state not in (None, "delivered", "pending", "retrying", "dead", "paused", "waiting"):
         raise BadRequest("state: expected delivered, pending, retrying, dead, paused or "
                          "waiting")
-    found, cursor = await request.app[ADMIN].events().find(
-        subscriber=q.get("subscriber") or None, state=state, order=q.get("order") or None,
-        since=_time(q, "since"), until=_time(q, "until"), limit=_int(q, "limit", 50, 1, 500),
-        cursor=q.get("cursor") or None)
+    since, until, limit = _time(q, "since"), _time(q, "until"), _int(q, "limit", 50, 1, 500)
+    try:
+        found, cursor = await request.app[ADMIN].events().find(
+            subscriber=q.get("subscriber") or None, state=state, order=q.get("order") or None,
+            since=since, until=until, limit=limit, cursor=q.get("cursor") or None)
+    except ValueError as exc:
+        raise BadRequest(f"cursor: {exc}") from None
     return json_answer(200, {"events": found, "next": cursor})
+
+
+async def order(request: web.Request) -> web.Response:
+    return json_answer(200, await request.app[ADMIN].events().order(
+        request.match_info["order_number"]))
 
 
 async def resend(request: web.Request) -> web.Response:
@@ -348,10 +356,16 @@ async def replay(request: web.Request) -> web.Response:
     limit = body.get("limit")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise BadRequest("limit: expected a whole number of at least 1")
+    after = body.get("after")
+    if after is not None and not isinstance(after, str):
+        raise BadRequest("after: expected the `next` of an earlier answer")
     try:
-        result = await request.app[ADMIN].dead_letters().replay(filters, _dry_run(body), limit)
+        result = await request.app[ADMIN].dead_letters().replay(filters, _dry_run(body), limit,
+                                                                after or None)
     except UnknownSubscriber as exc:
         raise NotFound(str(exc)) from None
+    except ValueError as exc:
+        raise BadRequest(f"after: {exc}") from None
     if result["replayed"]:
         log.info("dead letters replayed", extra={"replayed": result["replayed"]})
     return json_answer(200, result)
@@ -394,6 +408,7 @@ def create_app(config: Config, client: aioredis.Redis | None = None) -> web.Appl
     r.add_get("/api/events", events)
     r.add_get("/api/events/{event_id}", event)
     r.add_post("/api/events/{event_id}/resend", resend)
+    r.add_get("/api/orders/{order_number}", order)
     r.add_get("/api/dlq", dead_letters)
     r.add_delete("/api/dlq", purge)
     r.add_post("/api/replay", replay)

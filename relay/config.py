@@ -96,6 +96,9 @@ class DeliveryDefaults(_Strict, frozen=True):
     disable_after: Duration = Duration(5 * 86400)
     #: Most attempts started per second, all workers together; None = no limit.
     rate_limit: Rate | None = None
+    #: With tracing on (OTEL_EXPORTER_OTLP_ENDPOINT, relay/tracing.py), each delivery carries
+    #: a W3C ``traceparent`` naming its attempt's span; false sends none.
+    propagate_trace: bool = True
 
 
 class SentinelSettings(_Strict, frozen=True):
@@ -191,6 +194,7 @@ class SubscriberSpec(_Strict, frozen=True):
     circuit_breaker: CircuitBreaker | None = None
     disable_after: Duration | None = None
     rate_limit: Rate | None = None
+    propagate_trace: bool | None = None
 
 
 class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
@@ -209,6 +213,7 @@ class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
     circuit_breaker: CircuitBreaker = msgspec.field(default_factory=CircuitBreaker)
     disable_after: float = 0.0
     rate_limit: float | None = None
+    propagate_trace: bool = True
 
 
 class _RawConfig(_Strict, frozen=True):
@@ -416,9 +421,12 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
             disable_after=(spec.disable_after if spec.disable_after is not None
                            else d.disable_after),
             rate_limit=spec.rate_limit if spec.rate_limit is not None else d.rate_limit,
+            propagate_trace=(spec.propagate_trace if spec.propagate_trace is not None
+                             else d.propagate_trace),
         )
         _check_delivery(sub.timeout, sub.max_attempts, sub.backoff, where, fail)
         _check_health(sub.circuit_breaker, sub.disable_after, sub.rate_limit, where, fail)
+        _check_trace_headers(sub, where, fail)
         horizon = retry_horizon(sub)
         if raw.redis.retention < horizon:
             raise fail("redis.retention", f"{_fmt(raw.redis.retention)} is shorter than the retry "
@@ -523,6 +531,21 @@ def _check_endpoint(url: str, secret: str, signature: str, headers: dict[str, st
         if _CONTROL.search(value):
             raise fail(f"{where}.headers.{name}", "the value contains a control character "
                        "(a line break from a file read into ${VAR}?)")
+
+
+#: The W3C trace context headers a traced delivery carries (relay/tracing.py).
+_TRACE_HEADERS = {"traceparent", "tracestate"}
+
+
+def _check_trace_headers(sub: Subscriber, where: str, fail: Any) -> None:
+    """A configured ``traceparent`` would be replaced on every traced delivery (and sent as
+    configured otherwise): refused unless the subscriber turns propagation off."""
+    if not sub.propagate_trace:
+        return
+    for name in sub.headers:
+        if name.lower() in _TRACE_HEADERS:
+            raise fail(f"{where}.headers.{name}", "set by the hub per attempt when tracing is "
+                       "on; remove it, or set propagate_trace: false to send your own")
 
 
 def _check_delivery(timeout: float, max_attempts: int, backoff: Backoff, where: str,

@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import aiohttp
 from redis.exceptions import RedisError
 
+from relay import tracing
 from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
@@ -103,6 +104,7 @@ class Engine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _setup(self) -> None:
+        tracing.setup("worker")  # in this process, after any fork (relay/tracing.py)
         self._redis = async_client(self.config.redis, socket_connect_timeout=2,
                                    health_check_interval=10)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
@@ -214,6 +216,7 @@ class Engine:
         left = self._call(wait())
         self._call(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
+        tracing.shutdown()  # the last spans, if the collector answers in time
         return left
 
     async def _close(self) -> None:
@@ -459,9 +462,20 @@ class Engine:
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
                                       event.body)
+        span = None
+        if tracing.on:  # a child of the event's stored context: one trace per event
+            trigger = "probe" if verdict.probe else "auto"  # the attempt's trigger
+            span = tracing.attempt_span(event.trace, event.event_id, sub.name, sub.url, attempt,
+                                        trigger, verdict.probe)
+            if sub.propagate_trace:
+                tracing.trace_headers(span, headers)
         outcome = await http.post(self._session, sub.url, event.body, headers, sub.timeout)
         # The outcome write below re-scores or removes the lease: stop renewing it first.
         self.leases.forget(lease)
+        final = outcome.gone or (attempt >= sub.max_attempts and not verdict.probe)
+        if span is not None:
+            tracing.end_attempt(span, outcome.status, outcome.error, "delivered" if outcome.ok
+                                else "dead_lettered" if final else "retry", tracing.now_ns())
         self.lanes[sub.name].observe(outcome.latency_ms)
         record = Attempt(time.time(), attempt, outcome.status, outcome.error, outcome.latency_ms,
                          verdict.probe)
@@ -473,7 +487,7 @@ class Engine:
                 lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
             if log.isEnabledFor(logging.INFO):
                 log.info("delivered", extra=context)
-        elif outcome.gone or (attempt >= sub.max_attempts and not verdict.probe):
+        elif final:
             reason = ("410 Gone" if outcome.gone
                       else f"{attempt} attempt{'s' if attempt != 1 else ''} failed")
             transitions = await self._persist(

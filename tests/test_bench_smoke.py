@@ -14,7 +14,7 @@ import pytest
 from tests.support import ROOT
 
 KEYS = {"meta", "plan", "ceiling", "ingress", "replicas", "egress", "e2e", "latency", "steady",
-        "obvious", "rss", "long", "targets", "failures"}
+        "obvious", "tracing", "rss", "long", "targets", "failures"}
 
 
 @pytest.mark.timeout(120)
@@ -63,6 +63,16 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     obvious = results["obvious"]
     assert obvious["complete"] and obvious["received"] == obvious["events"] * 10
     assert obvious["deliveries_per_s"] > 0 and obvious["cpu_cores"]["worker"] >= 0
+    # Tracing off, on (a local collector) and on with the collector away: every delivery made
+    # in each; every span reached the collector when it was there, none when it was not.
+    tracing = results["tracing"]["variants"]
+    assert set(tracing) == {"off", "on", "away"}
+    for variant in tracing.values():
+        assert variant["delivered"] == variant["expected"] > 0
+        assert variant["hub_cpu_us_per_delivery"] is not None and variant["p99_ms"] is not None
+    assert tracing["on"]["spans_collected"] == tracing["on"]["spans_made"] > 0
+    assert tracing["away"]["spans_collected"] == 0 and tracing["off"]["spans_made"] == 0
+    assert results["tracing"]["cost"]["on"]["cpu_us_per_delivery"] is not None
     assert "stress" not in results["meta"]
     assert results["rss"].keys() >= {"ingress", "worker"}
     assert results["long"]["worker"]["q1_mean_kb"] > 0
@@ -73,6 +83,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert "ingress, min_replicas 1" in markdown and "Redis per event and per delivery" in markdown
     assert "obvious design, fan-out 10" in markdown and "hub " in markdown
     assert "Steady stream of lone events" in markdown
+    assert "Tracing on against off" in markdown
     assert "PASS" in markdown or "MISS" in markdown
     assert (tmp_path / "benchmarks-fanout.png").read_bytes().startswith(b"\x89PNG")
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

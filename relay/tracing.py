@@ -40,6 +40,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from relay.gcfreeze import freeze_startup_objects
 from relay.masking import mask_url
 from relay.models import StoredEvent
 
@@ -110,6 +111,10 @@ def setup(component: str) -> bool:
         log.warning("tracing off: the OpenTelemetry settings are not usable",
                     extra={**context, "error": f"{type(exc).__name__}: {exc}"})
         return False
+    # The SDK's modules, classes and functions (and protobuf's, requests'), loaded just now:
+    # exempt from the collector's full passes like the rest of what a process loads at start
+    # (relay/gcfreeze.py; a worker sets up after its own freeze, on its first task).
+    freeze_startup_objects()
     on = True
     log.info("tracing on", extra={**context, "protocol": protocol,
                                   "service": _provider.resource.attributes.get("service.name"),
@@ -312,6 +317,7 @@ def _reporting(inner: Any, endpoint: str) -> Any:
                     log.info("tracing: the collector answers again; spans are exported",
                              extra={"endpoint": mask_url(endpoint),
                                     "dropped_spans": _outage.dropped})
+                if _outage.away or _outage.said:
                     _recovered()
                 return result
             _outage.dropped += len(spans)
@@ -344,9 +350,9 @@ def _recovered() -> None:
 class _OnceFilter(logging.Filter):
     """The SDK's own log records, as JSON lines like every other: the exporter's (one per
     failed batch, retries included) are folded into the one line ``_Reporting`` writes; any
-    other passes once per (logger, message) until exports succeed again. A logger that
-    repeats itself ("Queue full, dropping Span", once per span) is then muted until the
-    collector answers, so a dropped span costs no log record."""
+    other passes once per (logger, message) until an export succeeds. A warning also mutes
+    its logger below ERROR until then: the SDK warns "Queue full, dropping Span" once per
+    span while the collector is away, and a muted logger makes no record of it at all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith("opentelemetry.exporter"):
@@ -355,12 +361,12 @@ class _OnceFilter(logging.Filter):
             return False
         key = (record.name, str(record.msg))
         if key in _outage.said:
-            logger = logging.getLogger(record.name)
-            if logger.level <= record.levelno:
-                logger.setLevel(record.levelno + 1)
-                _outage.muted.append(logger)
             return False
         _outage.said.add(key)
+        logger = logging.getLogger(record.name)
+        if record.levelno < logging.ERROR and logger.level <= record.levelno:
+            logger.setLevel(record.levelno + 1)
+            _outage.muted.append(logger)
         return True
 
 

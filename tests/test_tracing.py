@@ -392,6 +392,56 @@ def test_collector_away_loses_no_delivery_and_says_so_once(
             collector.stop()
 
 
+#: Spans made faster than a collector that is away can take them: the SDK's queue overflows.
+OVERFLOW = """
+import logging, sys
+from relay.logs import setup_logging
+from relay import tracing
+setup_logging("INFO")
+assert tracing.setup("worker")
+for n in range(300):
+    span = tracing.attempt_span(None, f"e{n}", "a", "http://a.example/", 1, "auto", False)
+    tracing.end_attempt(span, 200, None, "delivered", tracing.now_ns())
+queue = logging.getLogger("opentelemetry.sdk._shared_internal")
+print(queue.isEnabledFor(logging.WARNING), file=sys.stderr)
+"""
+
+
+def test_a_full_span_queue_is_said_once_and_then_costs_no_log_record(tmp_path: Path) -> None:
+    """The SDK warns "Queue full, dropping Span" for every span it drops: one JSON line, and
+    its logger is muted (no record made per dropped span) until an export succeeds."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+           **otel_env(f"http://127.0.0.1:{free_port()}"),
+           "OTEL_BSP_MAX_QUEUE_SIZE": "8", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4",
+           "OTEL_EXPORTER_OTLP_TIMEOUT": "5"}
+    out = subprocess.run([sys.executable, "-c", OVERFLOW], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    *lines, enabled = out.stderr.strip().splitlines()
+    entries = [json.loads(line) for line in lines]
+    full = [e for e in entries if "Queue full" in e["msg"]]
+    assert len(full) == 1, entries
+    assert full[0]["level"] == "warning" and full[0]["logger"].startswith("opentelemetry")
+    assert enabled == "False", "the queue's warnings are muted while spans are dropped"
+
+
+def test_setting_up_exempts_the_sdk_from_full_gc_passes() -> None:
+    """A worker sets up tracing on its first task, after its start-up ``gc.freeze()``: the
+    SDK's modules (and protobuf's, requests') are frozen then too, or every full GC pass walks
+    them (in the bench that tripled tracing's CPU per delivery)."""
+    code = ("import gc, sys; from relay import tracing; gc.collect(); gc.freeze(); "
+            "before = gc.get_freeze_count(); assert tracing.setup('worker'); "
+            "import opentelemetry.sdk.trace as t; "
+            "print(gc.get_freeze_count() - before, any(o is t.Tracer for o in gc.get_objects()))")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+           **otel_env(f"http://127.0.0.1:{free_port()}")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    frozen, tracked = out.stdout.split()
+    assert int(frozen) > 10_000 and tracked == "False"
+
+
 # -- without the packages, or with tracing off ---------------------------------------------------
 
 #: ``python -c`` that makes ``import opentelemetry`` fail, then runs the relay CLI.

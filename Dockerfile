@@ -10,11 +10,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Install the project (pyproject.toml names README.md as its readme, so it is copied too).
+# Install the project (pyproject.toml names README.md as its readme, so it is copied too),
+# with OpenTelemetry (the tracing extra: off unless OTEL_EXPORTER_OTLP_ENDPOINT is set).
 COPY pyproject.toml README.md ./
 COPY relay ./relay
 COPY workers ./workers
-RUN pip install . \
+RUN pip install ".[tracing]" \
     && useradd --system --uid 10001 --home-dir /app relay
 
 # The config is not baked in: the compose files mount it read-only on /app/config,

@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,tracing]'
 	@touch $(STAMP)
 
 run: $(STAMP)
@@ -34,7 +34,7 @@ lint: $(STAMP)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(BIN)/pip install -q -c requirements.lock -e '.[dev,bench]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev,tracing,bench]'
 	@touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

@@ -98,17 +98,19 @@ def hub_keys(config: Path) -> Any:
     return Keys.of(load_config(config))
 
 
-def relay_proc(name: str, config: Path, command: str, log_dir: Path) -> Proc:
+def relay_proc(name: str, config: Path, command: str, log_dir: Path,
+               env: dict[str, str] | None = None) -> Proc:
     return Proc(name, python_cmd("-m", "relay.cli", "--log-level", "WARNING", "--config",
-                                 str(config), command), log_dir)
+                                 str(config), command), log_dir, env=env)
 
 
 class Ingress:
-    def __init__(self, config: Path, port: int, log_dir: Path, name: str = "ingress") -> None:
+    def __init__(self, config: Path, port: int, log_dir: Path, name: str = "ingress",
+                 env: dict[str, str] | None = None) -> None:
         self.port = port
         #: Its name in logs and in the RSS/CPU sampler.
         self.role = name
-        self.proc = relay_proc(name, config, "ingress", log_dir)
+        self.proc = relay_proc(name, config, "ingress", log_dir, env)
         wait_http(f"http://127.0.0.1:{port}/healthz")
 
     @property
@@ -135,8 +137,9 @@ class Ingress:
 class Worker:
     """``relay worker`` on ``config``; ready once a few warm-up events reached every sink."""
 
-    def __init__(self, name: str, config: Path, log_dir: Path) -> None:
-        self.proc = relay_proc(name, config, "worker", log_dir)
+    def __init__(self, name: str, config: Path, log_dir: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.proc = relay_proc(name, config, "worker", log_dir, env)
 
     def warm_up(self, ingress: Ingress, sinks: Sinks, fanout: int, prefix: str,
                 events: int = 20, timeout: float = 60.0) -> None:

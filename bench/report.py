@@ -411,6 +411,50 @@ def steady_markdown(r: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+TRACING_HEADER = ["tracing", "delivered", "202 -> sink p50 / p99", "hub CPU µs/delivery",
+                  "ingress", "worker", "redis", "against off", "spans collected / made"]
+_TRACING_NAMES = {"off": "off", "on": "on (local collector)",
+                  "away": "on, collector away (closed port)"}
+
+
+def tracing_rows(r: dict[str, Any]) -> list[list[str]]:
+    tr = r.get("tracing") or {}
+    out = []
+    for name, v in (tr.get("variants") or {}).items():
+        us = v.get("cpu_us_per_delivery") or {}
+        cost = (tr.get("cost") or {}).get(name)
+        against = ""
+        if cost and cost.get("cpu_us_per_delivery") is not None:
+            against = (f"{cost['cpu_us_per_delivery']:+.1f} µs, p50 {cost['p50_ms']:+.1f} ms, "
+                       f"p99 {cost['p99_ms']:+.1f} ms")
+        out.append([
+            _TRACING_NAMES.get(name, name), f"{v['delivered']:,}/{v['expected']:,}",
+            f"{_n(v.get('p50_ms'), '', 1)} / {_n(v.get('p99_ms'), ' ms', 1)}",
+            _n(v.get("hub_cpu_us_per_delivery")), _n(us.get("ingress")), _n(us.get("worker")),
+            _n(us.get("redis")), against,
+            f"{v['spans_collected']:,} / {v['spans_made']:,}" if name != "off" else ""])
+    return out
+
+
+def tracing_markdown(r: dict[str, Any]) -> str:
+    body = tracing_rows(r)
+    if not body:
+        return ""
+    tr = r["tracing"]
+    out = ["", "### Tracing on against off", "",
+           f"A steady trickle of lone events at {tr['events_per_s']:g} events/s, fan-out "
+           f"{tr['fanout']}, {tr['seconds']:g} s per run, through an ingress and a worker "
+           "started for each run: untraced, traced to a local OTLP/HTTP collector that accepts "
+           "and discards (`bench/otlp.py`), and traced to a closed port (every span dropped). "
+           f"The three alternate in each of {tr['rounds']} round(s); each figure is the median "
+           "of its rounds. Hub CPU: ingress + worker + redis-server per delivery received, "
+           f"from the first event to {tr.get('tail_seconds', 1.5):g} s after the last delivery "
+           "(the batch exports included: `OTEL_BSP_SCHEDULE_DELAY=1000`).", "",
+           "| " + " | ".join(TRACING_HEADER) + " |", "|" + "---|" * len(TRACING_HEADER)]
+    out += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(out)
+
+
 REDIS_HEADER = ["run", "per", "commands", "redis CPU µs", "bytes in", "bytes out",
                 "to replica", "memory held", "commands (most frequent)"]
 
@@ -592,7 +636,8 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
     lines += [part for part in (redis_markdown(r), steady_markdown(r),
-                                _steady_profile_markdown(r), big_events_markdown(r)) if part]
+                                _steady_profile_markdown(r), big_events_markdown(r),
+                                tracing_markdown(r)) if part]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     lines.append(_profile_markdown(r))

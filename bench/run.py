@@ -54,6 +54,7 @@ from bench.procs import (
     RedisServer,
     RssSampler,
     free_port,
+    http_get,
     python_cmd,
     run_loadgen,
     wait_http,
@@ -65,8 +66,10 @@ from relay.queue import read_deliver_message
 FANOUTS = (1, 10, 50)
 LATENCY_FANOUTS = (1, 10)
 STEADY_FANOUTS = (1, 10)
-PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "ordering",
-          "long", "bigevents", "capture")
+PHASES = ("ceiling", "ingress", "replicas", "egress", "e2e", "steady", "obvious", "tracing",
+          "ordering", "long", "bigevents", "capture")
+#: The tracing phase's variants, run in this order in each of its rounds.
+TRACING_VARIANTS = ("off", "on", "away")
 #: The obvious design is compared with the hub at this fan-out.
 OBVIOUS_FANOUT = 10
 
@@ -100,6 +103,14 @@ class Plan:
         #: How long the sinks take per big event in the parked variant (pulled attempts are
         #: held that long, so what they hold shows in the RSS).
         self.big_delay = 0.1 if smoke else 1.0
+        #: Tracing off, on and on with the collector away: a steady trickle of lone events
+        #: at this fan-out and rate for this long, in rounds that alternate the variants.
+        self.tracing_fanout = 2 if smoke else 10
+        self.tracing_rate = 20.0 if smoke else 50.0
+        self.tracing_seconds = 0.6 if smoke else 8.0
+        self.tracing_rounds = 1 if smoke else 3
+        #: The CPU window ends this long after the last delivery (the spans' last export).
+        self.tracing_tail = 0.2 if smoke else 1.5
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -729,6 +740,114 @@ class Bench:
             flame_svg(raw, prof_dir / f"{tag}-{proc}.svg", f"{proc} under a steady stream "
                       f"({tag.removeprefix('steady-').replace('-', ', ')} events/s)")
 
+    # -- tracing on against off ------------------------------------------------------------
+
+    def tracing_phase(self) -> None:
+        """What tracing costs: a steady trickle of lone events (open loop) through an ingress
+        and a worker of their own, started untraced (``off``), traced to a local OTLP
+        collector that accepts and discards (``on``), and traced to a closed port (``away``:
+        spans dropped). The variants alternate in each round, so the machine's drift hits
+        each alike; each figure is the median of its rounds."""
+        assert self.redis is not None
+        plan = self.plan
+        port = free_port()
+        collector = Proc("otlp", python_cmd("-m", "bench.otlp", "--port", str(port)),
+                         self.log_dir)
+        wait_http(f"http://127.0.0.1:{port}/_stats")
+        self.sampler.watch("collector", collector.pid)
+        # Spans leave within 1 s (the SDK's default is 5 s), so the window below, which ends
+        # 1.5 s after the last delivery, holds their export.
+        traced = {"OTEL_SDK_DISABLED": "false", "OTEL_BSP_SCHEDULE_DELAY": "1000"}
+        envs = {"off": {"OTEL_SDK_DISABLED": "true"},
+                "on": {**traced, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"},
+                "away": {**traced,
+                         "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}}
+        runs: dict[str, list[dict[str, Any]]] = {v: [] for v in TRACING_VARIANTS}
+        try:
+            for round_no in range(plan.tracing_rounds):
+                for variant in TRACING_VARIANTS:
+                    before = json.loads(http_get(f"http://127.0.0.1:{port}/_stats"))
+                    run = self.tracing_run(variant, envs[variant], round_no)
+                    after = json.loads(http_get(f"http://127.0.0.1:{port}/_stats"))
+                    run["spans_collected"] = after["spans"] - before["spans"]
+                    runs[variant].append(run)
+        finally:
+            self.sampler.unwatch("collector")
+            collector.stop()
+        self.results["tracing"] = summarise_tracing(plan, runs)
+        on, away = (self.results["tracing"]["cost"][v] for v in ("on", "away"))
+
+        def signed(x: float | None) -> str:
+            return "?" if x is None else f"{x:+g}"
+
+        self.say(f"tracing on against off: {signed(on['cpu_us_per_delivery'])} us of hub CPU "
+                 f"per delivery, p50 {signed(on['p50_ms'])} ms, p99 {signed(on['p99_ms'])} ms; "
+                 f"collector away: {signed(away['cpu_us_per_delivery'])} us, p99 "
+                 f"{signed(away['p99_ms'])} ms")
+
+    def tracing_run(self, variant: str, env: dict[str, str], round_no: int) -> dict[str, Any]:
+        assert self.redis is not None and self.sinks is not None
+        plan = self.plan
+        fanout, seconds = plan.tracing_fanout, plan.tracing_seconds
+        name = f"tracing-{variant}-{round_no}"
+        port = free_port()
+        cfg = write_config(self.log_dir / f"{name}.yaml", self.redis.url, port,
+                           [self.sinks.url(i) for i in range(fanout)], self.worker_settings,
+                           self.ingress_settings)
+        n = max(10, int(plan.tracing_rate * seconds))
+        expected = n * fanout
+        marks: list[Any] = []
+        ingress = Ingress(cfg, port, self.log_dir, name=f"ingress-{name}", env=env)
+        worker: Worker | None = None
+        try:
+            self.sampler.watch("tracing-ingress", ingress.proc.pid)
+            worker = Worker(f"worker-{name}", cfg, self.log_dir, env=env)
+            self.sampler.watch("tracing-worker", worker.pid)
+            worker.warm_up(ingress, self.sinks, fanout, f"warm-{name}-", plan.warmup)
+            time.sleep(0.1 if plan.smoke else 1.0)  # the warm-up's spans are gone
+            self.sinks.record(True)
+            r = self.loadgen(name, [ingress.url], f"{name}-", n, mode="open",
+                             rate=plan.tracing_rate, record=True, concurrency=64,
+                             deadline=seconds * 3 + 10,
+                             on_start=lambda: marks.append(self.sampler.cpu()))
+            stats = self.sinks.wait_count(expected, max(60.0, expected / 100))
+            time.sleep(plan.tracing_tail)  # the last spans' export, in the window
+            end = self.sampler.cpu()
+            receipts = self.sinks.receipts()
+        finally:
+            self.sinks.record(False)
+            self.sinks.reset()
+            self.sampler.unwatch("tracing-ingress")
+            self.sampler.unwatch("tracing-worker")
+            if worker is not None:
+                worker.stop()
+            ingress.stop()
+            self.flush()
+        delivered = stats["distinct"]
+        used = self.cpu_seconds(marks[0], end)
+        hub = {"ingress": used.get("tracing-ingress", 0.0),
+               "worker": used.get("tracing-worker", 0.0), "redis": used.get("redis", 0.0)}
+        accepted, pairs = matched_latencies(r["records"], receipts)
+        lat = sorted(ms for _, ms in pairs)
+        if delivered < expected or accepted < n:
+            self.failures.append(f"tracing {variant}: {delivered} of {expected} deliveries "
+                                 f"received, {accepted} of {n} events accepted")
+        return {
+            "variant": variant, "round": round_no, "events": n, "accepted": accepted,
+            "expected": expected, "deliveries": delivered,
+            "duplicates": stats["count"] - delivered,
+            "seconds": round(end[0] - marks[0][0], 3),
+            "p50_ms": round(percentile(lat, 0.5) or 0, 2) if lat else None,
+            "p99_ms": round(percentile(lat, 0.99) or 0, 2) if lat else None,
+            "cpu_us_per_delivery": {k: round(v / delivered * 1e6, 1) if delivered else None
+                                    for k, v in hub.items()},
+            "hub_cpu_us_per_delivery": (round(sum(hub.values()) / delivered * 1e6, 1)
+                                        if delivered else None),
+            # Spans the variant made, warm-up included: a server span per event and a client
+            # span per delivery (the collector's count covers the same).
+            "spans_made": (n + plan.warmup) * (1 + fanout) if variant != "off" else 0,
+        }
+
     # -- the obvious design, as a reference ---------------------------------------------------
 
     def obvious_phase(self) -> None:
@@ -1049,6 +1168,8 @@ class Bench:
                 self.fanout_phase("e2e" in phases, "steady" in phases)
             if "obvious" in phases:
                 self.obvious_phase()
+            if "tracing" in phases:
+                self.tracing_phase()
             if "ordering" in phases:
                 self.results["ordering"] = Ordering(self.log_dir, self.plan.smoke,
                                                     self.worker_settings, self.say).run()
@@ -1136,6 +1257,41 @@ WORKER_FOCUS = [
     "trace_task", "Engine._call", "QoS.append", "QoS.ack", "_brpop", "billiard",
     "_SelectorSocketTransport.write", "Logger.",
 ]
+
+
+def summarise_tracing(plan: Plan, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per variant the median of its rounds; ``cost``: on and away against off."""
+    import statistics
+
+    def median(variant: str, key: str, sub: str | None = None) -> float | None:
+        values = [(x[key][sub] if sub else x[key]) for x in runs[variant]]
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 2) if values else None
+
+    variants = {}
+    for v in TRACING_VARIANTS:
+        variants[v] = {
+            "hub_cpu_us_per_delivery": median(v, "hub_cpu_us_per_delivery"),
+            "cpu_us_per_delivery": {k: median(v, "cpu_us_per_delivery", k)
+                                    for k in ("ingress", "worker", "redis")},
+            "p50_ms": median(v, "p50_ms"), "p99_ms": median(v, "p99_ms"),
+            "delivered": sum(x["deliveries"] for x in runs[v]),
+            "expected": sum(x["expected"] for x in runs[v]),
+            "spans_made": sum(x["spans_made"] for x in runs[v]),
+            "spans_collected": sum(x["spans_collected"] for x in runs[v]),
+            "runs": runs[v]}
+
+    def diff(v: str, key: str) -> float | None:
+        a, b = variants[v][key], variants["off"][key]
+        return round(a - b, 2) if a is not None and b is not None else None
+
+    return {"fanout": plan.tracing_fanout, "events_per_s": plan.tracing_rate,
+            "seconds": plan.tracing_seconds, "rounds": plan.tracing_rounds,
+            "tail_seconds": plan.tracing_tail,
+            "variants": variants,
+            "cost": {v: {"cpu_us_per_delivery": diff(v, "hub_cpu_us_per_delivery"),
+                         "p50_ms": diff(v, "p50_ms"), "p99_ms": diff(v, "p99_ms")}
+                     for v in ("on", "away")}}
 
 
 def machine_facts() -> dict[str, Any]:

@@ -109,6 +109,9 @@ class DeliveryDefaults(_Strict, frozen=True):
     rate_limit: Rate | None = None
     #: Ordered delivery for every subscriber that does not say otherwise; None = off.
     ordering: Ordering | None = None
+    #: With tracing on (OTEL_EXPORTER_OTLP_ENDPOINT, relay/tracing.py), each delivery carries
+    #: a W3C ``traceparent`` naming its attempt's span; false sends none.
+    propagate_trace: bool = True
 
 
 class SentinelSettings(_Strict, frozen=True):
@@ -212,6 +215,7 @@ class SubscriberSpec(_Strict, frozen=True):
     rate_limit: Rate | None = None
     #: ``false`` (or ``off``) turns off an ordering set under ``delivery:`` for this one.
     ordering: Ordering | bool | None = None
+    propagate_trace: bool | None = None
 
 
 class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
@@ -231,6 +235,7 @@ class Subscriber(msgspec.Struct, frozen=True, kw_only=True):
     disable_after: float = 0.0
     rate_limit: float | None = None
     ordering: Ordering | None = None
+    propagate_trace: bool = True
 
 
 class _RawConfig(_Strict, frozen=True):
@@ -445,12 +450,15 @@ def _resolve(raw: _RawConfig, source: str) -> Config:
             rate_limit=spec.rate_limit if spec.rate_limit is not None else d.rate_limit,
             ordering=(spec.ordering if isinstance(spec.ordering, Ordering)
                       else None if spec.ordering is False else d.ordering),
+            propagate_trace=(spec.propagate_trace if spec.propagate_trace is not None
+                             else d.propagate_trace),
         )
         if spec.ordering is True:
             raise fail(f"{where}.ordering", "expected {by: order} or {by: topic} (with on_dead: "
                        "skip or block), or false to turn it off")
         _check_delivery(sub.timeout, sub.max_attempts, sub.backoff, where, fail)
         _check_health(sub.circuit_breaker, sub.disable_after, sub.rate_limit, where, fail)
+        _check_trace_headers(sub, where, fail)
         problem = _horizon_problem(raw.redis.retention, sub, where)
         if problem:
             raise fail("redis.retention", problem)
@@ -555,6 +563,21 @@ def _check_endpoint(url: str, secret: str, signature: str, headers: dict[str, st
         if _CONTROL.search(value):
             raise fail(f"{where}.headers.{name}", "the value contains a control character "
                        "(a line break from a file read into ${VAR}?)")
+
+
+#: The W3C trace context headers a traced delivery carries (relay/tracing.py).
+_TRACE_HEADERS = {"traceparent", "tracestate"}
+
+
+def _check_trace_headers(sub: Subscriber, where: str, fail: Any) -> None:
+    """A configured ``traceparent`` would be replaced on every traced delivery (and sent as
+    configured otherwise): refused unless the subscriber turns propagation off."""
+    if not sub.propagate_trace:
+        return
+    for name in sub.headers:
+        if name.lower() in _TRACE_HEADERS:
+            raise fail(f"{where}.headers.{name}", "set by the hub per attempt when tracing is "
+                       "on; remove it, or set propagate_trace: false to send your own")
 
 
 def _check_delivery(timeout: float, max_attempts: int, backoff: Backoff, where: str,

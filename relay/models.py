@@ -164,6 +164,10 @@ class StoredEvent(msgspec.Struct, array_like=True, frozen=True, weakref=True):
     received_at: float
     body: bytes
     order_numbers: tuple[str, ...] = ()
+    #: The ingress span's W3C trace context (``traceparent``, then ``"\n" + tracestate`` if
+    #: any) when tracing was on: every attempt's span joins that trace (relay/tracing.py).
+    #: Last and optional, so records written without it decode.
+    trace: str | None = None
 
 
 class SentRequest(msgspec.Struct, array_like=True, frozen=True):

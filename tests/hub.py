@@ -178,8 +178,11 @@ def ingress_port(config: Path) -> int:
 
 
 @contextlib.contextmanager
-def worker(config: Path, log: Path, *extra: str) -> Iterator[Any]:
-    with process(relay_cmd("--config", str(config), "worker", *extra), log_path=log) as proc:
+def worker(config: Path, log: Path, *extra: str,
+           env: dict[str, str] | None = None) -> Iterator[Any]:
+    """``relay worker`` on ``config`` (``env``: added to this process's environment)."""
+    with process(relay_cmd("--config", str(config), "worker", *extra), env=env,
+                 log_path=log) as proc:
         wait_until(lambda: b"ready." in log.read_bytes() or proc.poll() is not None, 30,
                    what="celery worker ready")
         assert proc.poll() is None, log.read_text()
@@ -187,9 +190,10 @@ def worker(config: Path, log: Path, *extra: str) -> Iterator[Any]:
 
 
 @contextlib.contextmanager
-def ingress(config: Path, log: Path) -> Iterator[str]:
+def ingress(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     port = ingress_port(config)
-    with process(relay_cmd("--config", str(config), "ingress"), log_path=log) as proc:
+    with process(relay_cmd("--config", str(config), "ingress"), env=env,
+                 log_path=log) as proc:
         wait_http(f"http://127.0.0.1:{port}/healthz")
         assert proc.poll() is None
         yield f"http://127.0.0.1:{port}/webhooks/ingram"

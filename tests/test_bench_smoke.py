@@ -14,15 +14,16 @@ import pytest
 from tests.support import ROOT
 
 KEYS = {"meta", "plan", "ceiling", "ingress", "replicas", "egress", "e2e", "latency", "steady",
-        "obvious", "rss", "long", "bigevents", "targets", "failures"}
+        "obvious", "tracing", "ordering", "rss", "long", "bigevents", "capture", "targets",
+        "failures"}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server is not installed (apt-get install -y redis-server)")
     proc = subprocess.run([sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+                          cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     results = json.loads((tmp_path / "latest.json").read_text())
@@ -63,10 +64,26 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     obvious = results["obvious"]
     assert obvious["complete"] and obvious["received"] == obvious["events"] * 10
     assert obvious["deliveries_per_s"] > 0 and obvious["cpu_cores"]["worker"] >= 0
+    # Tracing off, on (a local collector) and on with the collector away: every delivery made
+    # in each; every span reached the collector when it was there, none when it was not.
+    tracing = results["tracing"]["variants"]
+    assert set(tracing) == {"off", "on", "away"}
+    for variant in tracing.values():
+        assert variant["delivered"] == variant["expected"] > 0
+        assert variant["hub_cpu_us_per_delivery"] is not None and variant["p99_ms"] is not None
+    assert tracing["on"]["spans_collected"] == tracing["on"]["spans_made"] > 0
+    assert tracing["away"]["spans_collected"] == 0 and tracing["off"]["spans_made"] == 0
+    assert results["tracing"]["cost"]["on"]["cpu_us_per_delivery"] is not None
     assert "stress" not in results["meta"]
     assert results["rss"].keys() >= {"ingress", "worker"}
     assert results["long"]["worker"]["q1_mean_kb"] > 0
     assert results["targets"] and all("pass" in t for t in results["targets"])
+    # Ordered delivery: both groups delivered; one order in order; bytes per waiting event.
+    ordering = results["ordering"]
+    assert ordering["throughput"]["ordered_vs_unordered"] is not None
+    assert ordering["chain"]["in_order"] and ordering["chain"]["gap_ms"]["p50"] is not None
+    assert ordering["chain"]["received"] == ordering["chain"]["events"]
+    assert ordering["memory"]["bytes_per_waiting_event"] is not None
     # Big stock updates at fan-out 10, posted at once and through parked attempts.
     big = results["bigevents"]
     assert set(big["variants"]) == {"direct", "parked"}
@@ -78,6 +95,7 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert "ingress, min_replicas 1" in markdown and "Redis per event and per delivery" in markdown
     assert "obvious design, fan-out 10" in markdown and "hub " in markdown
     assert "Steady stream of lone events" in markdown
+    assert "Tracing on against off" in markdown
     assert "PASS" in markdown or "MISS" in markdown
     assert (tmp_path / "benchmarks-fanout.png").read_bytes().startswith(b"\x89PNG")
     assert "PASS" in proc.stdout or "MISS" in proc.stdout

@@ -369,6 +369,33 @@ def test_the_admins_healthcheck_and_published_port_pass_its_host_check(
         for name in ["localhost", "127.0.0.1", *allowed]:
             assert get(f"{name}:{port}") == 200, name
         assert get(f"evil.example:{port}") == 421
+def test_the_tracing_profile_runs_jaeger_and_points_the_hub_at_it_only_when_asked() -> None:
+    """`OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 docker compose --profile tracing up`:
+    Jaeger all-in-one with OTLP/HTTP on 4318 and its UI on the host's loopback; without the
+    variable every relay service runs untraced, and nothing of the hub waits for Jaeger."""
+    from relay.tracing import requested
+
+    jaeger = services(COMPOSE)["jaeger"]
+    assert jaeger["profiles"] == ["tracing"]
+    assert str(jaeger["image"]).startswith("jaegertracing/all-in-one:")
+    assert str(jaeger["environment"]["COLLECTOR_OTLP_ENABLED"]) == "true"
+    assert "127.0.0.1:16686:16686" in jaeger["ports"] and "127.0.0.1:4318:4318" in jaeger["ports"]
+    asked = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4318"}
+    for name, service in services(COMPOSE).items():
+        if name == "jaeger":
+            continue
+        assert "profiles" not in service, f"{name} runs with or without the tracing profile"
+        assert "jaeger" not in (service.get("depends_on") or {}), name
+    for name, service in relay_services(COMPOSE).items():
+        off = container_env(COMPOSE, service, read_env_file(ENV_EXAMPLE))
+        assert requested(off) is None, f"{name}: traced with .env.example as it is"
+        on = container_env(COMPOSE, service, asked)
+        assert requested(on) == "http://jaeger:4318", name
+    header = COMPOSE.read_text().split("\nname:")[0]
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT=http://jaeger:4318 docker compose --profile tracing up" \
+        in header
+    doc = (ROOT / "docs" / "docker.md").read_text(encoding="utf-8")
+    assert "--profile tracing" in doc and "16686" in doc
 
 
 def test_the_ingress_listens_on_all_interfaces_and_publishes_its_port() -> None:
@@ -503,8 +530,17 @@ def test_dockerfile_builds_python_3_11_slim_and_installs_the_project() -> None:
     text = "\n".join(lines)
     for needed in ("pyproject.toml", "relay", "workers"):
         assert re.search(rf"^COPY .*\b{needed}\b", text, re.M), needed
-    assert re.search(r"pip install (--\S+ )*\.(\s|$)", text), "pip install . (the project)"
+    assert re.search(r"pip install (--\S+ )*[\"']?\.(\[[a-z,]+\])?[\"']?(\s|$)", text), \
+        "pip install . (the project)"
     assert re.search(r"^EXPOSE .*\b8080\b.*\b8081\b", text, re.M)
+
+
+def test_the_image_installs_the_tracing_extra() -> None:
+    """The tracing profile needs OpenTelemetry in the image (it stays off without an
+    endpoint)."""
+    text = DOCKERFILE.read_text()
+    extras = re.search(r"pip install (--\S+ )*[\"']?\.\[([a-z,]+)\]", text)
+    assert extras and "tracing" in extras.group(2).split(",")
 
 
 def test_the_image_installs_every_file_of_the_packages() -> None:

@@ -35,7 +35,7 @@ import aiohttp
 import msgspec
 from redis.exceptions import RedisError
 
-from relay import clock
+from relay import clock, tracing
 from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
@@ -127,6 +127,7 @@ class Engine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     async def _setup(self) -> None:
+        tracing.setup("worker")  # in this process, after any fork (relay/tracing.py)
         self._redis = async_client(self.config.redis, socket_connect_timeout=2,
                                    health_check_interval=10)
         with contextlib.suppress(RedisError, OSError):  # measured again with every note
@@ -261,6 +262,7 @@ class Engine:
         left = self._call(wait())
         self._call(self._close())
         self._loop.call_soon_threadsafe(self._loop.stop)
+        tracing.shutdown()  # the last spans, if the collector answers in time
         return left
 
     async def _close(self) -> None:
@@ -591,14 +593,27 @@ class Engine:
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
                                       event.body)
+        # What made this attempt: a breaker probe, an operator's resend or replay (its first
+        # attempt), or the hub itself.
+        made_by = "probe" if verdict.probe else (trigger or "auto")
+        span = None
+        if tracing.on:  # a child of the event's stored context: one trace per event
+            span = tracing.attempt_span(event.trace, event.event_id, sub.name, sub.url, attempt,
+                                        made_by, verdict.probe)
+            if sub.propagate_trace:
+                tracing.trace_headers(span, headers)
         outcome = await http.post(self._session, sub.url, event.body, headers, sub.timeout)
         # The outcome write below re-scores or removes the lease: stop renewing it first.
         self.leases.forget(lease)
+        final = outcome.gone or (attempt >= sub.max_attempts and not verdict.probe)
+        if span is not None:
+            tracing.end_attempt(span, outcome.status, outcome.error, "delivered" if outcome.ok
+                                else "dead_lettered" if final else "retry", tracing.now_ns())
         self.lanes[sub.name].observe(outcome.latency_ms)
         # What was sent and what came back, credentials masked (workers/http.py); a 2xx
         # keeps no body (docs/benchmarks.md, "What an attempt keeps").
         record = Attempt(clock.now(), attempt, outcome.status, outcome.error, outcome.latency_ms,
-                         verdict.probe, "probe" if verdict.probe else (trigger or "auto"),
+                         verdict.probe, made_by,
                          http.sent_request(sub, headers),
                          http.answer(sub, outcome, keep_body=not outcome.ok))
         context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
@@ -609,7 +624,7 @@ class Engine:
                 lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
             if log.isEnabledFor(logging.INFO):
                 log.info("delivered", extra=context)
-        elif outcome.gone or (attempt >= sub.max_attempts and not verdict.probe):
+        elif final:
             reason = ("410 Gone" if outcome.gone
                       else f"{attempt} attempt{'s' if attempt != 1 else ''} failed")
             recorded = await self._persist(

@@ -14,11 +14,12 @@ import asyncio
 import logging
 import time
 
+import msgspec
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import clock
+from relay import clock, tracing
 from relay.config import Config
 from relay.connections import async_client
 from relay.errors import EnvelopeError, SignatureError
@@ -90,9 +91,27 @@ class WebhookHandler:
     async def __call__(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         try:
+            if tracing.on:
+                return await self._traced(request)
             return await self._handle(request)
         finally:
             self._metrics.latency.observe(time.perf_counter() - started)
+
+    async def _traced(self, request: web.Request) -> web.Response:
+        """``_handle`` inside the request's server span (relay/tracing.py), which continues
+        a ``traceparent`` the caller sent and ends with the answer."""
+        # The webhook routes are fixed paths: the path is the route.
+        span = tracing.server_span(request.method, request.path, request.headers,
+                                   request.remote)
+        status, error = None, None
+        try:
+            answer = await self._handle(request, span)
+            status = answer.status
+            if status >= 400 and isinstance(answer.body, bytes):
+                error = msgspec.json.decode(answer.body).get("error")
+            return answer
+        finally:
+            tracing.end_server(span, status, error)
 
     def _reject(self, status: int, reason: str, error: str,
                 headers: dict[str, str] | None = None, event_id: str | None = None
@@ -112,7 +131,7 @@ class WebhookHandler:
                 raise _TooLarge
         return bytes(body)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.Request, span: object = None) -> web.Response:
         if not _is_json(request.content_type):
             return self._reject(415, "media_type",
                                 f"Content-Type must be application/json, got "
@@ -165,6 +184,8 @@ class WebhookHandler:
         record = StoredEvent(event_id=event_id, topic=envelope.topic,
                              event_types=envelope.event_types(), received_at=clock.now(),
                              body=body, order_numbers=envelope.order_numbers())
+        if span is not None:
+            record = tracing.with_trace(span, record)  # stored: the workers' spans join it
         try:
             is_new = await self._store.accept(record)
         except StoreUnavailable:
@@ -252,9 +273,13 @@ def run_ingress(config: Config, host: str | None = None, port: int | None = None
     SIGHUP re-reads the config."""
     bind_host = host or config.ingress.host
     bind_port = port or config.ingress.port
+    tracing.setup("ingress")  # if OTEL_EXPORTER_OTLP_ENDPOINT asks for it
     app = create_app(config)
     reloader = Reloader(config, app[HANDLER].apply, "ingress")
     log.info("ingress listening", extra={"host": bind_host, "port": bind_port,
                                          "subscribers": [s.name for s in config.subscribers]})
-    asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload,
-                      lingering_time=LINGERING_SECONDS))
+    try:
+        asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload,
+                          lingering_time=LINGERING_SECONDS))
+    finally:
+        tracing.shutdown()

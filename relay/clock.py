@@ -34,6 +34,11 @@ SAMPLES = 12
 MAX_RTT = 0.25
 #: Past this, the offset is logged (once per process, and again if it changes that much).
 WARN_OFFSET_MS = 1000
+#: An offset smaller than this is taken as none: a sample is only good to half its round trip
+#: (a few ms on a busy machine), and processes on one host would otherwise disagree by that
+#: much about the same instant (a retry due in 1.5 s queued 17 ms early by another process).
+#: What the offset guards against (leases and notes of seconds) needs far less precision.
+DEADBAND_MS = 100
 
 
 class Clock:
@@ -68,7 +73,8 @@ class Clock:
             return
         offset = (int(seconds) + int(micros) / 1e6 - (before + after) / 2) * 1000
         self._samples.append((rtt, offset))
-        self.offset_ms = min(self._samples)[1]
+        best = min(self._samples)[1]
+        self.offset_ms = best if abs(best) >= DEADBAND_MS else 0.0
         if abs(self.offset_ms) >= WARN_OFFSET_MS and (
                 self._warned_at is None
                 or abs(self.offset_ms - self._warned_at) >= WARN_OFFSET_MS):

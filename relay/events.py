@@ -21,7 +21,7 @@ from relay.connections import as_bytes, text
 from relay.health import public_state
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
-from relay.ordering import FUNCTIONS, event_keys, waiting_for
+from relay.ordering import FUNCTIONS, ORDER_KEY, event_keys, waiting_for
 from relay.queue import deliver_message
 from relay.routing import Router
 from relay.timefmt import iso
@@ -278,9 +278,22 @@ class Events:
                         "topic": s["topic"], "eventTypes": s["eventTypes"],
                         "states": s["states"]} for s in found],
             "more": len(ids) > ORDER_LIMIT,
-            # Per ordered subscriber, where this order waits and why (ordered delivery).
-            "ordering": [],
+            "ordering": await self.order_waits(number),
         }
+
+    async def order_waits(self, number: str) -> list[dict[str, Any]]:
+        """Per subscriber ordered by order, where this order's events wait and why: its head
+        event, ``retrying`` | ``blocked`` | ``paused`` | ``open``, since when, how many wait
+        (relay/ordering.py). Empty when nothing of the order is held back."""
+        from relay.status import Status  # the health-aware view of a key
+
+        status = Status(self._r, self._config)
+        out = []
+        for sub in self._config.subscribers:
+            if sub.ordering is not None and sub.ordering.by == "order":
+                for row in await status.holding(sub.name, only=[ORDER_KEY + number]):
+                    out.append({"subscriber": sub.name, **row})
+        return out
 
     async def summary(self, event_id: str) -> dict[str, Any] | None:
         return (await self.summaries([event_id]))[0]

@@ -143,7 +143,7 @@ def test_a_failed_attempt_keeps_the_request_sent_and_the_first_4_kib_of_the_answ
     request = first.request
     assert request is not None
     assert request.url == (f"http://ops:***@127.0.0.1:{hub.sink.port}/erp"
-                           "?token=***&tenant=acme")
+                           "?token=***&tenant=***")
     sent = dict(request.headers)
     received = hub.sink.on("/erp")[0].headers
     # As sent: the hub's own headers and the signature, values and all...

@@ -130,3 +130,13 @@ def test_redis_time_offset_keeps_the_sample_with_the_shortest_round_trip() -> No
     assert round(c.offset_ms) == 3000
     c._sample(400.0, 401.0, 0, 0)            # a round trip of a second says nothing
     assert round(c.offset_ms) == 3000
+
+
+def test_an_offset_within_the_measuring_error_is_taken_as_none() -> None:
+    c = clock.Clock()
+    c._sample(100.0, 100.004, 100, 2_000)    # 0 ms off, give or take the 4 ms round trip
+    assert c.offset_ms == 0.0
+    c._sample(200.0, 200.004, 200, 62_000)   # 60 ms: still the same instant, for the hub
+    assert c.offset_ms == 0.0
+    c._sample(300.0, 300.002, 300, 501_000)  # half a second (and a shorter round trip)
+    assert round(c.offset_ms) == 500

@@ -469,7 +469,6 @@ def test_the_order_page_shows_every_event_of_an_order_and_each_subscribers_state
     expect(state(shipped, "billing")).to_have_count(0)  # not for billing (not invoiced)
     expect(page.get_by_test_id("ordering-banner")).to_have_count(0)  # no ordered subscriber
     assert page.get_by_test_id("search-input").input_value() == number
-    shot(page, "console-order.png")
     rows.nth(1).get_by_role("link", name=voided).click()
     expect(page.get_by_test_id("event-view")).to_be_visible()
 
@@ -689,3 +688,71 @@ def test_dead_letter_replay_goes_on_past_letters_that_cannot_be_replayed(
     assert hub.dead("billing") == sorted(expired)
     hub.api("DELETE", "api/dlq", {"subscriber": "billing"})
     close(page)
+
+
+def test_an_ordered_subscribers_blocked_order_shows_why_and_replaying_its_head_moves_it_on(
+        redis_server: RedisServer, browser: Any, tmp_path: Path) -> None:
+    """erp orders by order number with on_dead: block; the order's first event dead-letters:
+    the overview lists the blocked key, the order page says what its events wait behind, and
+    replaying the head from the banner delivers the whole order, in order."""
+    from playwright.sync_api import expect
+
+    sink = Sink().start()
+    failing = {"on": True}
+    head, number = "N01CIB9VVFYKR9J900", "20-RD900"
+    sink.behave_per_event("/erp", lambda e, n: Reply(500) if e == head and failing["on"]
+                          else Reply(200))
+    admin_port = free_port()
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "erp", "url": sink.url("/erp"), "secret": "erp-secret", "max_attempts": 1,
+         "ordering": {"by": "order", "on_dead": "block"}},
+        {"name": "warehouse", "url": sink.url("/warehouse"), "secret": "wh-secret"}],
+        redis={"prefix": "ordconsole:"}, admin={"port": admin_port, "token": TOKEN})
+    keys = Keys.of(load_config(config))
+    client = redis_server.client()
+    site = type("Site", (), {"url": f"http://127.0.0.1:{admin_port}/"})()
+    ids = [head, "N01CIB9VVFYKR9J901", "N01CIB9VVFYKR9J902"]
+    bodies = [sample("order_shipped.json", ids[0], number),
+              sample("order_invoiced_docs_variant.json", ids[1], number),
+              sample("order_voided_spec_variant.json", ids[2], number)]
+    try:
+        with worker(config, tmp_path / "worker.log"), \
+                process(relay_cmd("--config", str(config), "admin"),
+                        log_path=tmp_path / "admin.log"):
+            wait_http(site.url + "healthz")
+            enqueue_events(client, bodies, "ordconsole:", config=load_config(config))
+            wait_until(lambda: client.zcard(keys.order_blocked("erp")) == 1, 20, 0.05,
+                       what="the order blocked by its dead head")
+
+            page = open_console(site, browser)
+            card = page.get_by_test_id("ordering-card")
+            expect(card).to_be_visible()
+            key = card.locator(f'[data-testid="ordering-key"][data-key="{number}"]')
+            expect(key).to_have_attribute("data-state", "blocked")
+            expect(card.get_by_test_id("ordering-waiting")).to_have_text("2 events waiting")
+            key.get_by_role("link", name=number).click()
+
+            view = page.get_by_test_id("order-view")
+            banner = page.get_by_test_id("ordering-banner")
+            expect(banner).to_have_attribute("data-state", "blocked")
+            expect(banner).to_contain_text("erp: waiting behind")
+            expect(banner).to_contain_text("2 events waiting")
+            for event_id in ids[1:]:
+                expect(view.locator(f'[data-testid="order-row"][data-event="{event_id}"] '
+                                    '[data-testid="order-state"][data-subscriber="erp"]')
+                       ).to_have_text("waiting")
+            shot(page, "console-order.png")
+
+            failing["on"] = False
+            banner.get_by_test_id("banner-replay").click()
+            expect(page.get_by_test_id("ordering-banner")).to_have_count(0, timeout=20_000)
+            for event_id in ids:
+                expect(view.locator(f'[data-testid="order-row"][data-event="{event_id}"] '
+                                    '[data-testid="order-state"][data-subscriber="erp"]')
+                       ).to_have_text("delivered", timeout=20_000)
+            close(page)
+        erp_order = [r.event_id for r in sorted(sink.on("/erp"), key=lambda r: r.arrived)]
+        assert erp_order == [head, head, ids[1], ids[2]]
+    finally:
+        sink.stop()
+        client.close()

@@ -2,6 +2,7 @@
 
 import { api, query, seg } from './api.js';
 import { RANGES, initChartResize, makeSpark, renderStats, statsError, updateSpark } from './charts.js';
+import { renderOrdering } from './ordering.js';
 import { $, dot, fmtAge, fmtClock, fmtDateTime, fmtInt, fmtMs, fmtPct, h, setAttr, setSubscriberNames, setText, toast } from './dom.js';
 
 const STATE_RANK = { open: 0, 'half-open': 1, disabled: 2, paused: 3, active: 4 };
@@ -27,7 +28,8 @@ export function refreshOverview(params) {
   hub.range = rangeOf(params);
   syncRange();
   const r = RANGES[hub.range];
-  const subs = api('subscribers').then(renderSubscribers, subscribersError);
+  const subs = api('subscribers').then((list) => { renderSubscribers(list); return renderOrdering(list); },
+    subscribersError);
   // The charts after the table: each subscriber's colour follows from the list of them.
   const stats = Promise.all([api('stats' + query({ minutes: r.minutes })), subs]).then(([st]) => {
     hub.stats = st;

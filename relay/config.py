@@ -19,6 +19,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 import yaml
@@ -563,6 +564,10 @@ def _check_endpoint(url: str, secret: str, signature: str, headers: dict[str, st
         if _CONTROL.search(value):
             raise fail(f"{where}.headers.{name}", "the value contains a control character "
                        "(a line break from a file read into ${VAR}?)")
+        if name.lower() == "authorization" and urlsplit(url).password is not None:
+            # The HTTP client would refuse every post: both would set Authorization.
+            raise fail(f"{where}.headers.{name}", f"cannot be combined with the credentials "
+                       f"in {where}.url ({mask_url(url)}); keep one of them")
 
 
 #: The W3C trace context headers a traced delivery carries (relay/tracing.py).

@@ -570,3 +570,21 @@ def test_the_default_body_limit_admits_a_4000_sku_stock_update(tmp_path):
     assert len(body) > 1_600_000
     assert load_config(write(tmp_path, MINIMAL), {}).ingress.max_body_bytes == 4 * 1024 * 1024
     assert len(body) <= 4 * 1024 * 1024
+
+
+def test_an_authorization_header_beside_credentials_in_the_url_is_refused(tmp_path) -> None:
+    """aiohttp refuses a post that carries both (every attempt would fail): refused at start,
+    naming the header and the URL, its password masked."""
+    import pytest
+
+    from relay.config import load_config
+    from relay.errors import ConfigError
+
+    path = tmp_path / "relay.yaml"
+    path.write_text("ingress: {secrets: [s]}\nsubscribers:\n"
+                    "  - name: erp\n    url: https://ops:hunter2@erp.example/hook\n"
+                    "    secret: s\n    headers: {Authorization: Bearer t}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "subscribers[0].headers.Authorization" in str(err.value)
+    assert "subscribers[0].url" in str(err.value) and "hunter2" not in str(err.value)

@@ -24,6 +24,7 @@ from relay.models import Attempt, DeadLetter, StoredEvent
 from relay.ordering import FUNCTIONS, ORDER_KEY, event_keys, waiting_for
 from relay.queue import deliver_message
 from relay.routing import Router
+from relay.status import Status
 from relay.timefmt import iso
 
 #: Most events one listing examines when filtering by subscriber or state.
@@ -285,8 +286,6 @@ class Events:
         """Per subscriber ordered by order, where this order's events wait and why: its head
         event, ``retrying`` | ``blocked`` | ``paused`` | ``open``, since when, how many wait
         (relay/ordering.py). Empty when nothing of the order is held back."""
-        from relay.status import Status  # the health-aware view of a key
-
         status = Status(self._r, self._config)
         out = []
         for sub in self._config.subscribers:

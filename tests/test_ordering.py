@@ -378,3 +378,43 @@ def test_the_admin_shows_waiting_events_blocked_keys_and_counts(
     shown = relay(config, "status")
     assert shown.returncode == 0, shown.stderr
     assert "WAITING" in shown.stdout and "BLOCKED" in shown.stdout
+
+
+def test_a_key_blocked_by_a_dead_letter_that_expired_moves_on(
+        tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
+        sink: Sink) -> None:
+    """on_dead: block keeps the key for an operator; once the letter itself has expired
+    (redis.retention) there is nothing left to replay or purge, and the key moves on."""
+    sink.behave_per_event("/erp", lambda e, n: Reply(500) if e == "STALE1" else Reply(200))
+    path = write_config(tmp_path / "relay.yaml", redis_server.url,
+                        [erp(sink, max_attempts=1, timeout="1s",
+                             ordering={"by": "order", "on_dead": "block"})],
+                        delivery={"timeout": "1s", "max_attempts": 1,
+                                  "backoff": {"initial": "100ms", "max": "100ms"}},
+                        redis={"retention": "3s"}, ingress={"dedupe_window": "3s"})
+    config = load_config(path)
+    with worker(path, tmp_path / "worker.log"):
+        enqueue_events(redis_client, [order_event("STALE1", "im::order_shipped", ("20-K",)),
+                                      order_event("STALE2", "im::order_invoiced", ("20-K",))],
+                       config=config)
+        wait_until(lambda: redis_client.zcard(KEYS.order_blocked("erp")) == 1, 10)
+        assert receipts(sink, "/erp") == ["STALE1"]
+        # The letter expires 3 s after it was written; the scheduler then unblocks the key.
+        wait_until(lambda: "STALE2" in receipts(sink, "/erp"), 15,
+                   what="the next event once the blocking letter expired")
+    assert redis_client.zcard(KEYS.order_blocked("erp")) == 0
+    assert redis_client.keys("relay:ordq:*") == []
+
+
+def test_a_paused_ordered_subscriber_holds_the_head_and_delivers_the_order_in_turn_on_resume(
+        hub: Any, redis_client: redis.Redis, sink: Sink) -> None:
+    config = hub([erp(sink)])
+    assert relay(config, "subscribers", "pause", "erp").returncode == 0
+    ids = enqueue_events(redis_client, [order_event(f"PZ{i}", "im::order_shipped", ("20-L",))
+                                        for i in range(1, 5)], config=config)
+    wait_until(lambda: redis_client.zcard(KEYS.held("erp")) == 1, 10, what="the head held")
+    assert receipts(sink, "/erp") == []
+    assert redis_client.hget(KEYS.order_waiting, "erp") == b"3"   # the rest spend nothing
+    assert relay(config, "subscribers", "resume", "erp").returncode == 0
+    wait_until(lambda: delivered(redis_client, "PZ4", "erp"), 20)
+    assert receipts(sink, "/erp") == ids

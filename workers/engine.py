@@ -144,7 +144,8 @@ class Engine:
         self._background = [asyncio.create_task(self.leases.run()),
                             asyncio.create_task(self.alerts.run(self._session)),
                             asyncio.create_task(self._note_known()),
-                            asyncio.create_task(self._puller())]
+                            asyncio.create_task(self._puller()),
+                            asyncio.create_task(self.ledger.run_tally())]
 
     def _apply(self, config: Config) -> None:
         """Take a (re)loaded config: new, changed and removed subscribers apply to new work;
@@ -268,6 +269,8 @@ class Engine:
     async def _close(self) -> None:
         for task in self._background:
             task.cancel()
+        # The statistics of the last second (workers/tally.py); outcomes are written already.
+        await self.ledger.final_tally()
         await self._session.close()
         await self._redis.aclose()
 

@@ -14,10 +14,11 @@ The schedule (a sorted set scored by due time) holds ready Celery messages (buil
   in the attempt log, which expires with it.
 
 Each outcome is **one Lua script** (``OUTCOME``): the delivery record, the attempt log, the
-lease, the per-minute and running counters, the pending index, the subscriber's health
-(circuit breaker, disable) and, for a dead letter, the letter and its index. One command
-instead of a dozen: Redis client work was ~30 % of a worker's CPU at fan-out 10
-(docs/benchmarks.md), and a script applies all of it or none.
+lease, the pending index, the subscriber's health (circuit breaker, disable) and, for a dead
+letter, the letter and its index. One command instead of a dozen: Redis client work was ~30 %
+of a worker's CPU at fan-out 10 (docs/benchmarks.md), and a script applies all of it or none.
+The per-minute and running counters are statistics, counted in the process and written once
+a second (workers/tally.py).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from relay.batching import GroupCommit, Script
 from relay.clock import now, now_ms
 from relay.config import Subscriber
 from relay.connections import text
-from relay.counters import STATS_TTL, latency_bucket
+from relay.counters import STATS_TTL
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
 from relay.ordering import FUNCTIONS
+from workers.tally import Tally
 
 #: Attempt records kept per (event, subscriber); older ones are trimmed.
 LOG_LENGTH = 50
@@ -44,29 +46,25 @@ OUTCOME = Script(RELEASE_HELD_FN + FUNCTIONS + """
 -- The key names are built here from the prefix (as relay/keys.py builds them; a test checks
 -- they agree) rather than sent as KEYS: thirteen names per outcome were a tenth of a worker's
 -- CPU in redis-py's command packing at fan-out 10. (Fine on one Redis, not Redis Cluster.)
+-- Counters and last_success_at are not written here: the worker counts them in the process
+-- and writes them once a second (workers/tally.py).
 local mode, now, sub, id = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 -- ARGV[7]: the subscriber's settings in one string (one argument instead of eight):
--- retention s, log length, stats ttl s, breaker failures, cool-down ms, max cool-down ms,
+-- retention s, log length, (unused), breaker failures, cool-down ms, max cool-down ms,
 -- disable_after ms, key prefix.
 local S = {}
 for part in string.gmatch(ARGV[7], '[^\\n]+') do S[#S + 1] = part end
 local p = S[8]
 local KEYS = {p .. 'deliveries:' .. id, p .. 'log:' .. id .. ':' .. sub, p .. 'schedule',
-              p .. 'stats:' .. ARGV[15], p .. 'totals', p .. 'pending:' .. sub,
+              nil, nil, p .. 'pending:' .. sub,
               p .. 'health:' .. sub, p .. 'breakers', p .. 'held:' .. sub, p .. 'event:' .. id,
               p .. 'letter:' .. sub .. ':' .. id, p .. 'dead:' .. sub, p .. 'deadsubs'}
 local record, lease, ret = ARGV[5], ARGV[6], S[1]
 local transitions, released = {}, {}
-local function count(field, n)
-  redis.call('HINCRBY', KEYS[4], sub .. '|' .. field, n)
-  redis.call('HINCRBY', KEYS[5], sub .. '|' .. field, n)
-end
 if record ~= '' then
   redis.call('LPUSH', KEYS[2], record)
   redis.call('LTRIM', KEYS[2], 0, tonumber(S[2]) - 1)
   redis.call('EXPIRE', KEYS[2], ret)
-  count('l' .. ARGV[8], 1)
-  redis.call('HINCRBYFLOAT', KEYS[5], sub .. '|ls', ARGV[9])
 end
 
 -- Health: only an attempt that was made moves the breaker.
@@ -74,8 +72,7 @@ local h = KEYS[7]
 local current = redis.call('HMGET', h, 'state', 'failures')
 local state = current[1] or 'closed'
 if record ~= '' and mode == 'ok' then
-  redis.call('HSET', h, 'last_success_at', now)
-  if state ~= 'closed' or (current[2] and current[2] ~= '0') then  -- a healthy one: nothing else
+  if state ~= 'closed' or (current[2] and current[2] ~= '0') then  -- a healthy one: nothing
     redis.call('HSET', h, 'state', 'closed', 'failures', 0)
     redis.call('HDEL', h, 'failing_since', 'open_until', 'probe_until', 'cool_down',
                'disabled_at')
@@ -90,7 +87,7 @@ if record ~= '' and mode == 'ok' then
   state = 'closed'
 elseif record ~= '' then
   local failures = redis.call('HINCRBY', h, 'failures', 1)
-  redis.call('HSET', h, 'last_error', ARGV[11], 'last_error_at', now)
+  redis.call('HSET', h, 'last_error', ARGV[9], 'last_error_at', now)
   local since = tonumber(redis.call('HGET', h, 'failing_since'))
   if not since then
     since = now
@@ -103,7 +100,7 @@ elseif record ~= '' then
     redis.call('ZREM', KEYS[8], sub)
     transitions[#transitions + 1] = 'disabled'
     state = 'disabled'
-  elseif threshold > 0 and (state == 'half' or (state == 'open' and ARGV[10] == '1')) then
+  elseif threshold > 0 and (state == 'half' or (state == 'open' and ARGV[8] == '1')) then
     -- the probe failed: open again, the cool-down doubled up to its maximum
     local next_cool = math.min((tonumber(redis.call('HGET', h, 'cool_down')) or cool) * 2,
                                max_cool)
@@ -120,7 +117,6 @@ elseif record ~= '' then
 end
 
 if mode == 'ok' then
-  count('d', 1)
   redis.call('HSET', KEYS[1], sub, 'd' .. now)
   redis.call('EXPIRE', KEYS[1], ret)
   redis.call('ZREM', KEYS[3], lease)
@@ -128,11 +124,10 @@ if mode == 'ok' then
   -- Ordered: the next event of each of its keys may go now (relay/ordering.py).
   ord_advance(p, sub, id, now, ret, released)
 elseif mode == 'retry' then
-  count('f', 1)
-  local next, due = ARGV[12], ARGV[13]
-  -- A failed probe keeps its attempt number (ARGV[12] is then attempt n, not the lease's
+  local next, due = ARGV[10], ARGV[11]
+  -- A failed probe keeps its attempt number (ARGV[10] is then attempt n, not the lease's
   -- n+1) and waits with the held attempts for the next probe.
-  local to_held = ARGV[10] == '1' and (state == 'open' or state == 'disabled')
+  local to_held = ARGV[8] == '1' and (state == 'open' or state == 'disabled')
   if next == lease and not to_held then
     redis.call('ZADD', KEYS[3], 'XX', due, lease)
   elseif redis.call('ZREM', KEYS[3], lease) == 1 then
@@ -146,9 +141,7 @@ elseif mode == 'retry' then
   redis.call('EXPIRE', KEYS[1], ret)
   redis.call('EXPIRE', KEYS[10], ret)
 else  -- dead
-  if record ~= '' then count('f', 1) end
-  count('x', 1)
-  redis.call('SET', KEYS[11], ARGV[14], 'EX', ret)
+  redis.call('SET', KEYS[11], ARGV[12], 'EX', ret)
   redis.call('ZADD', KEYS[12], now, id)
   redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', now - tonumber(ret) * 1000)
   redis.call('SADD', KEYS[13], sub)
@@ -157,15 +150,14 @@ else  -- dead
   if lease ~= '' then redis.call('ZREM', KEYS[3], lease) end
   redis.call('ZREM', KEYS[6], id)
   transitions[#transitions + 1] = 'dead_lettered'
-  -- Ordered: ARGV[16] '1' (on_dead: block, and a reason that blocks) keeps it first on its
+  -- Ordered: ARGV[13] '1' (on_dead: block, and a reason that blocks) keeps it first on its
   -- keys until an operator replays or purges it; otherwise the next event goes.
-  if ARGV[16] == '1' then
+  if ARGV[13] == '1' then
     ord_block(p, sub, id, now)
   else
     ord_advance(p, sub, id, now, ret, released)
   end
 end
-redis.call('EXPIRE', KEYS[4], S[3])
 return {transitions, released}
 """)
 
@@ -344,6 +336,8 @@ class Ledger:
     def __init__(self, client: aioredis.Redis, keys: Keys, retention: float) -> None:
         self._r = client
         self._k = keys
+        #: The counters and last successes of this process's outcomes (workers/tally.py).
+        self.tally = Tally(keys.prefix, STATS_TTL)
         self.retention = retention
         self._batch = GroupCommit(client, timeout=10.0)
         self._settings_cache: dict[tuple[Any, ...], str] = {}
@@ -359,6 +353,18 @@ class Ledger:
     @retention.setter
     def retention(self, seconds: float) -> None:
         self._retention = max(1, int(seconds))
+        self.tally.stats_ttl = min(STATS_TTL, self._retention)
+
+    async def flush_tally(self) -> None:
+        """Write this process's statistics now (workers/tally.py)."""
+        await self.tally.flush(self._batch)
+
+    async def run_tally(self) -> None:
+        """Write this process's statistics every second, until cancelled."""
+        await self.tally.run(self._batch)
+
+    async def final_tally(self) -> None:
+        await self.tally.final(self._batch)
 
     async def run(self, commands: list[tuple[Any, ...]], task: bool = False) -> list[Any]:
         results = await (self._tasks if task else self._batch).execute(commands)
@@ -512,9 +518,9 @@ class Ledger:
         name = sub if isinstance(sub, str) else sub.name
         now = now_ms()
         args = (mode, now, name, event_id, _encode(record) if record else b"", lease or b"",
-                self._settings(sub), latency_bucket(record.latency_ms) if record else "",
-                record.latency_ms if record else 0, int(bool(record and record.probe)),
-                record.describe() if record else "", next_member, due_ms, letter,
-                now // 60_000, int(block))
+                self._settings(sub), int(bool(record and record.probe)),
+                record.describe() if record else "", next_member, due_ms, letter, int(block))
         transitions, released = await self.script(OUTCOME, (), args)
+        # Counted once the outcome is recorded (workers/tally.py writes it within a second).
+        self.tally.outcome(name, mode, now, record.latency_ms if record else None)
         return Recorded([text(t) for t in transitions], [text(r) for r in released])

@@ -1,0 +1,175 @@
+"""Statistics of outcomes, kept in the process and written to Redis once a second.
+
+The admin's figures (``stats:{minute}``, ``totals``: relay/counters.py) and each
+subscriber's ``last_success_at`` (relay/health.py) are statistics, not state: nothing
+decides anything from them. Written by the outcome script they were most of its commands (two
+``HINCRBY`` per counter, the minute's ``EXPIRE``, an ``HSET`` of the subscriber's health hash
+per success: 8 of its 16 commands for a delivered attempt). So each worker process counts
+them here, after the outcome script that recorded the outcome has returned, and ``flush``
+writes what it counted in one script call per second (and when the process drains).
+
+What this costs: the admin's figures lag by up to a second; a process killed by SIGKILL
+loses the statistics of at most its last second, never an outcome (the outcome script wrote
+that). A flush that fails (Redis away) keeps its counts for the next one, so a Redis outage
+delays statistics rather than losing them; a flush whose answer is lost after Redis ran it
+(a timeout at that very moment) may count that second twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from relay.batching import GroupCommit, Script
+from relay.counters import latency_bucket
+
+log = logging.getLogger("relay.worker")
+
+#: How often the counts are written (seconds).
+FLUSH_SECONDS = 1.0
+
+# ARGV: key prefix, stats ttl s, then sections, each led by its count:
+#   minutes  n groups x (minute, k, k x (field, increment))  -> stats:{minute} (and its TTL)
+#   totals   k x (field, increment)                          -> totals
+#   sums     k x (field, float increment)                    -> totals (HINCRBYFLOAT)
+#   success  k x (subscriber, ms)                            -> health:{sub} last_success_at,
+#                                                               unless a later one is there
+FLUSH = Script("""
+local p, ttl = ARGV[1], ARGV[2]
+local i = 3
+local function take()
+  local v = ARGV[i]
+  i = i + 1
+  return v
+end
+for _ = 1, tonumber(take()) do
+  local key, k = p .. 'stats:' .. take(), tonumber(take())
+  for _ = 1, k do redis.call('HINCRBY', key, take(), take()) end
+  redis.call('EXPIRE', key, ttl)
+end
+for _ = 1, tonumber(take()) do redis.call('HINCRBY', p .. 'totals', take(), take()) end
+for _ = 1, tonumber(take()) do redis.call('HINCRBYFLOAT', p .. 'totals', take(), take()) end
+for _ = 1, tonumber(take()) do
+  local health, at = p .. 'health:' .. take(), take()
+  local last = tonumber(redis.call('HGET', health, 'last_success_at') or 0)
+  if tonumber(at) > last then redis.call('HSET', health, 'last_success_at', at) end
+end
+return 1
+""")
+
+
+class Tally:
+    """Counts of one process since its last flush."""
+
+    def __init__(self, prefix: str, stats_ttl: int) -> None:
+        self.prefix = prefix
+        self.stats_ttl = stats_ttl
+        self._clear()
+
+    def _clear(self) -> None:
+        #: minute -> field -> count (the fields of relay/counters.py)
+        self.minutes: dict[int, dict[str, int]] = {}
+        self.totals: dict[str, int] = {}
+        #: field -> sum of latencies (ms)
+        self.sums: dict[str, float] = {}
+        #: subscriber -> ms of its last 2xx
+        self.success: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.minutes or self.totals or self.sums or self.success)
+
+    def _add(self, minute: dict[str, int], field: str, n: int = 1) -> None:
+        minute[field] = minute.get(field, 0) + n
+        self.totals[field] = self.totals.get(field, 0) + n
+
+    def outcome(self, sub: str, mode: str, now_ms: int, latency_ms: float | None) -> None:
+        """One outcome the outcome script recorded: ``mode`` ok | retry | dead;
+        ``latency_ms`` None when no attempt was made (a dead letter without a post)."""
+        minute = self.minutes.get(now_ms // 60_000)
+        if minute is None:
+            minute = self.minutes[now_ms // 60_000] = {}
+        if latency_ms is not None:
+            self._add(minute, f"{sub}|l{latency_bucket(latency_ms)}")
+            field = f"{sub}|ls"
+            self.sums[field] = self.sums.get(field, 0.0) + latency_ms
+        if mode == "ok":
+            self._add(minute, f"{sub}|d")
+            if latency_ms is not None and now_ms > self.success.get(sub, 0):
+                self.success[sub] = now_ms
+        elif mode == "retry":
+            self._add(minute, f"{sub}|f")
+        else:
+            if latency_ms is not None:
+                self._add(minute, f"{sub}|f")
+            self._add(minute, f"{sub}|x")
+
+    def take(self) -> list[Any] | None:
+        """The FLUSH script's arguments for everything counted, which is then forgotten
+        (``give_back`` if the write fails); None if nothing was counted."""
+        if not self:
+            return None
+        args: list[Any] = [self.prefix, self.stats_ttl, len(self.minutes)]
+        for minute, fields in self.minutes.items():
+            args += [minute, len(fields)]
+            for field, n in fields.items():
+                args += [field, n]
+        for section in (self.totals, self.sums, self.success):
+            args.append(len(section))
+            for field, value in section.items():
+                args += [field, value]
+        self._taken = (self.minutes, self.totals, self.sums, self.success)
+        self._clear()
+        return args
+
+    def give_back(self) -> None:
+        """A flush failed: what it carried is counted again, for the next one."""
+        minutes, totals, sums, success = self._taken
+        for minute, fields in minutes.items():
+            mine = self.minutes.setdefault(minute, {})
+            for field, n in fields.items():
+                mine[field] = mine.get(field, 0) + n
+        for field, n in totals.items():
+            self.totals[field] = self.totals.get(field, 0) + n
+        for field, s in sums.items():
+            self.sums[field] = self.sums.get(field, 0.0) + s
+        for sub, at in success.items():
+            self.success[sub] = max(at, self.success.get(sub, 0))
+
+    async def flush(self, commit: GroupCommit) -> None:
+        """Write what was counted (one script call); kept for the next flush on failure."""
+        args = self.take()
+        if args is None:
+            return
+        try:
+            result = await commit.script(FLUSH, (), args)
+            if isinstance(result, Exception):
+                raise result
+        except BaseException:
+            self.give_back()
+            raise
+
+    async def run(self, commit: GroupCommit) -> None:
+        """Flush every FLUSH_SECONDS until cancelled."""
+        failing = False
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self.flush(commit)
+                failing = False
+            except (RedisError, OSError) as exc:
+                if not failing:
+                    log.warning("could not write delivery statistics; kept for the next try",
+                                extra={"error": repr(exc)})
+                failing = True
+            except Exception:
+                log.exception("writing delivery statistics failed; kept for the next try")
+
+    async def final(self, commit: GroupCommit, timeout: float = 5.0) -> None:
+        """The last flush of a process that stops (drain): best effort, bounded."""
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.flush(commit)

@@ -17,7 +17,9 @@ deliveries:{id}            hash    subscriber -> ``d<ms>`` delivered, ``r<ms>`` 
                                    ``h<ms>`` held, ``x<ms>`` dead-lettered; for an ordered
                                    subscriber ``o<ms>`` first in line when accepted, ``w<ms>``
                                    waiting behind another event, ``q<ms>`` released to a lane
-                                   (the per-event delivery record)
+                                   (the per-event delivery record); and ``#`` (empty), no
+                                   subscriber's: written with each success, so that the
+                                   success that creates the record, alone, sets its expiry
 log:{id}:{sub}             list    msgpack Attempt records, newest first, bounded
 letter:{sub}:{id}          string  msgpack DeadLetter (reason, time, the event)
 =========================  ======  ==========================================================
@@ -76,6 +78,9 @@ ordwaiting                 hash    subscriber -> events waiting behind another
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+#: The delivery record's marker field (``deliveries:{id}`` above): not a subscriber.
+RECORD_MARK = b"#"
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,9 +62,11 @@ local KEYS = {p .. 'deliveries:' .. id, p .. 'log:' .. id .. ':' .. sub, p .. 's
 local record, lease, ret = ARGV[5], ARGV[6], S[1]
 local transitions, released = {}, {}
 if record ~= '' then
-  redis.call('LPUSH', KEYS[2], record)
-  redis.call('LTRIM', KEYS[2], 0, tonumber(S[2]) - 1)
-  redis.call('EXPIRE', KEYS[2], ret)
+  -- EXPIRE when the log is created (and with every failure, which the delivery record's
+  -- expiry follows too), not with every success; LTRIM only past its length.
+  local length = redis.call('LPUSH', KEYS[2], record)
+  if length == 1 or mode ~= 'ok' then redis.call('EXPIRE', KEYS[2], ret) end
+  if length > tonumber(S[2]) then redis.call('LTRIM', KEYS[2], 0, tonumber(S[2]) - 1) end
 end
 
 -- Health: only an attempt that was made moves the breaker.
@@ -117,8 +119,12 @@ elseif record ~= '' then
 end
 
 if mode == 'ok' then
-  redis.call('HSET', KEYS[1], sub, 'd' .. now)
-  redis.call('EXPIRE', KEYS[1], ret)
+  -- With the marker field '#' (no subscriber can be named so), HSET answers 2 whenever it
+  -- creates the record, which then needs its EXPIRE, and 1 once any success has written
+  -- the marker: every record that exists has its expiry (each other writer sets it).
+  if redis.call('HSET', KEYS[1], sub, 'd' .. now, '#', '') == 2 then
+    redis.call('EXPIRE', KEYS[1], ret)
+  end
   redis.call('ZREM', KEYS[3], lease)
   redis.call('ZREM', KEYS[6], id)
   -- Ordered: the next event of each of its keys may go now (relay/ordering.py).
@@ -403,7 +409,7 @@ class Ledger:
             done = frozenset(sub.decode() for sub, state in record.items()
                              if state[:1] == b"d")
             marks = {sub.decode(): state[:1].decode() for sub, state in record.items()
-                     if state[:1] in b"owq"}
+                     if state[:1] in (b"o", b"w", b"q")}
             try:
                 event = _decode_event(raw) if raw else None
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from relay.keys import Keys
-from relay.queue import deliver_message
+from relay.queue import deliver_message, member
 from relay.signatures import IngramSigner, StandardWebhook
 from tests.hub import (
     STANDARD_SECRET,
@@ -344,3 +344,29 @@ def test_concurrent_events_and_repeats_are_batched_yet_each_is_delivered_once(
         got = sink.on("/erp")
     assert sorted(answers) == sorted([202] * len(events) + [200] * 12)
     assert sorted(r.event_id for r in got) == events
+
+
+def test_attempts_scheduled_as_references_or_as_full_messages_are_delivered_once(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """The schedule holds short references (relay/queue.py ``member``), which the scheduler
+    turns into Celery messages; a full message scheduled by an earlier version of the hub
+    (in flight across an upgrade) is delivered the same way. Each task removes its note from
+    ``unclaimed`` in whichever form the scheduler wrote it."""
+    keys = Keys()
+    for event_id in ("EVREF", "EVOLD"):
+        enqueue_event(redis_client, event_body(event_id))
+    redis_client.delete(keys.queue, keys.unclaimed)  # their fan-outs: not this test's
+    now = int(time.time() * 1000)
+    redis_client.zadd(keys.schedule, {member("EVREF", "a", 1): now,
+                                      deliver_message(keys.queue, "EVOLD", ["a"], 1): now})
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "a", "url": sink.url("/a"), "secret": "s"}])
+    with worker(config, tmp_path / "worker.log"):
+        sink.wait_for("/a", 2)
+        wait_until(lambda: delivered(redis_client, "EVREF", "a")
+                   and delivered(redis_client, "EVOLD", "a")
+                   and redis_client.zcard(keys.unclaimed) == 0
+                   and redis_client.zcard(keys.schedule) == 0, 10,
+                   what="both delivered, nothing left noted or scheduled")
+        time.sleep(0.3)
+    assert sorted(r.event_id for r in sink.on("/a")) == ["EVOLD", "EVREF"]

@@ -40,7 +40,7 @@ from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
 from relay.models import Attempt, StoredEvent
-from relay.queue import deliver_message, read_deliver_message
+from relay.queue import deliver_message, member, read_member
 from relay.routing import Router
 from workers import http
 from workers.alerts import Alerts
@@ -238,7 +238,7 @@ class Engine:
         plan = _Plan()
         plan.dead = [(event_id, self.subscribers.get(name, name), reason, None, None)
                      for event_id in ids for name in names or [ANY]]
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
+        taken = self._taken(event_ids, names, attempt, batch, trigger)
         # The letters, then the note: if Redis never takes the letters, the note stays and
         # the message is queued again (and fails the same way, and is dead-lettered then).
         await self._persist(lambda: self._commit(plan, taken))
@@ -280,7 +280,7 @@ class Engine:
                      batch: str | None, trigger: str | None = None) -> int:
         # This task's own message: noted in ``unclaimed`` when queued, dropped from it here
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
+        taken = self._taken(event_ids, names, attempt, batch, trigger)
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
         loaded = await self._load(ids, batch is not None)
         unknown = await self._known_elsewhere(names)
@@ -298,6 +298,18 @@ class Engine:
                                       item.event, None))
         await self._commit(plan, taken)
         return len(plan.launch)
+
+    def _taken(self, event_ids: str | list[str], names: list[str] | None, attempt: int,
+               batch: str | None, trigger: str | None) -> tuple[bytes, ...]:
+        """What may note this task's message in ``unclaimed``: the message itself (queued by
+        the ingress, a resend, a replay, or as a full message by the scheduler), and for a
+        task of one (event, subscriber) the short reference the scheduler notes when it
+        queues a member (relay/queue.py ``member``)."""
+        message = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
+        if isinstance(event_ids, str) and names is not None and len(names) == 1 \
+                and batch is None:
+            return (message, member(event_ids, names[0], attempt, trigger))
+        return (message,)
 
     async def _load(self, ids: list[str], with_seen: bool = False) -> list[Loaded]:
         """``ledger.load``, each record replaced by the copy already in memory, if any.
@@ -317,7 +329,7 @@ class Engine:
                     loaded[i] = msgspec.structs.replace(item, event=live)
         return loaded
 
-    async def _commit(self, plan: _Plan, taken: bytes | None) -> None:
+    async def _commit(self, plan: _Plan, taken: tuple[bytes, ...]) -> None:
         """Write the plan, then launch what it says. Dead letters first: the task's note in
         ``unclaimed`` (removed by the lease script) must outlive them, or a SIGKILL or a Redis
         outage between the two would forget a delivery that no dead letter records. A failed
@@ -383,9 +395,7 @@ class Engine:
             missing = [n for n in named if n not in self.subscribers and n not in item.done]
         for name in missing:
             if unknown.get(name):  # another live worker knows it: leave it to them
-                message = deliver_message(self.keys.queue, event_id, [name], attempt,
-                                          trigger=trigger)
-                plan.leases[message] = now + PARK_UNKNOWN_MS
+                plan.leases[member(event_id, name, attempt, trigger)] = now + PARK_UNKNOWN_MS
             else:
                 plan.dead.append((event_id, name, "subscriber removed", event, lease))
         for sub in targets:
@@ -395,8 +405,7 @@ class Engine:
                 continue
             plan.redis.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
-            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt,
-                                  trigger=trigger)
+            own = member(event_id, sub.name, attempt, trigger)
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
@@ -417,8 +426,7 @@ class Engine:
                 # slowness costs nobody else anything.
                 plan.redis.parked[sub.name][own] = now
             else:
-                own_lease = lease or deliver_message(self.keys.queue, event_id, [sub.name],
-                                                     attempt + 1)
+                own_lease = lease or member(event_id, sub.name, attempt + 1)
                 plan.leases[own_lease] = now + self.leases.lease_ms(sub)
                 plan.launch.append((event, sub, attempt, own_lease, trigger))
                 lane.held += 1
@@ -473,8 +481,7 @@ class Engine:
     async def _launch_ready(self, sub: Subscriber, ids: list[str]) -> None:
         """Claim released ordered events (each becomes its own lease: its first attempt) and
         launch them; another process may have claimed some first."""
-        members = {event_id: deliver_message(self.keys.queue, event_id, [sub.name], 1)
-                   for event_id in ids}
+        members = {event_id: member(event_id, sub.name, 1) for event_id in ids}
         claimed, loaded = await self.ledger.claim_ready(
             sub.name, members, now_ms() + self.leases.lease_ms(sub))
         if claimed:
@@ -485,21 +492,21 @@ class Engine:
 
     async def _launch_pulled(self, sub: Subscriber, members: list[bytes],
                              loaded: list[Loaded] | None = None) -> None:
-        taken = [(m, read_deliver_message(m)) for m in members]
+        taken = [(m, read_member(m)) for m in members]
         ids = [str(args.event_id) for _, args in taken]
         loaded = self._shared(loaded) if loaded is not None else await self._load(ids)
         plan, now = _Plan(), now_ms()
-        for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
+        for (pulled, args), item, event_id in zip(taken, loaded, ids, strict=True):
             try:
                 self._plan_event(plan, event_id, item, [sub.name], args.attempt, None, {}, now,
-                                 lease=member, trigger=args.trigger)
+                                 lease=pulled, trigger=args.trigger)
             except Exception as exc:
                 plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
-                                  item.event, member))
+                                  item.event, pulled))
         # Every member is accounted for in the one script: launched (its lease re-scored),
         # held (moved), dropped (delivered meanwhile) or dead-lettered (removed with the
         # letter). Should the write fail, each stays in the schedule as its own lease.
-        await self._commit(plan, None)
+        await self._commit(plan, ())
 
     async def _puller(self) -> None:
         """Pull parked attempts into lanes with room: at once when a post ends (``_finished``)
@@ -590,9 +597,8 @@ class Engine:
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
             self.leases.forget(lease)
-            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt,
-                                     trigger=trigger)
-            await self._persist(lambda: self.ledger.hold(sub.name, lease, member))
+            held = member(event.event_id, sub.name, attempt, trigger)
+            await self._persist(lambda: self.ledger.hold(sub.name, lease, held))
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
                                       event.body)
@@ -639,7 +645,7 @@ class Engine:
             due = now_ms() + int(delay * 1000)
             # A failed probe does not use up an attempt: the same attempt waits for the next.
             n = attempt if verdict.probe else attempt + 1
-            nxt = deliver_message(self.keys.queue, event.event_id, [sub.name], n)
+            nxt = member(event.event_id, sub.name, n)
             recorded = await self._persist(
                 lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due))
             log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3),

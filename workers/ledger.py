@@ -1,9 +1,10 @@
 """What workers write to Redis: leases, outcomes, held attempts, dead letters.
 
-The schedule (a sorted set scored by due time) holds ready Celery messages (built by
-``relay.queue.deliver_message``) for "the next attempt of (event, subscriber)":
+The schedule (a sorted set scored by due time) holds short references to Celery messages
+(``relay.queue.member``: attempt, trigger, subscriber, event id; the scheduler turns each into
+its message as it queues it) for "the next attempt of (event, subscriber)":
 
-* before attempt *n* starts, a *lease* is added: the message for attempt *n+1*, due at
+* before attempt *n* starts, a *lease* is added: the member for attempt *n+1*, due at
   ``now + timeout + lease_grace``. If the worker dies mid-attempt, the scheduler moves the
   lease into the queue when it falls due, and the delivery is tried again: nothing held only
   in a worker's memory is ever needed to finish it;
@@ -219,8 +220,7 @@ return members
 # the ZADDs but still accepts the final ZREM of the task's note in ``unclaimed``, and the
 # fan-out would vanish with its message acknowledged. A script whose first write is refused
 # writes nothing (Redis refuses a script's writes for OOM only until its first one succeeds).
-# ARGV: key prefix, the task's message ('' for none), now ms, then sections, each led by its
-# count:
+# ARGV: key prefix, now ms, then sections, each led by its count:
 #   leases   n, n x (due ms, member)                   -> schedule
 #   held     n groups x (sub, k, k x (ms, member))     -> held:{sub}; due now in the schedule
 #                                                         if the subscriber is held no longer
@@ -229,11 +229,13 @@ return members
 #   parked   n groups x (sub, k, k x (ms, member))     -> parked:{sub} (NX: keeps its place)
 #   pending  n groups x (sub, k, k x (ms, event id))   -> pending:{sub} (NX)
 #   drops    n, n x member                             removed from the schedule
-# The task's note in ``unclaimed`` goes last, with everything it stands for.
+#   taken    n, n x member                             the task's notes in ``unclaimed``
+# The task's note in ``unclaimed`` goes last, with everything it stands for (its message, and
+# the short reference the scheduler notes for a member it queued: relay/queue.py).
 LEASE = Script(HELD_NOW_FN + """
-local p, taken, now = ARGV[1], ARGV[2], ARGV[3]
+local p, now = ARGV[1], ARGV[2]
 local schedule = p .. 'schedule'
-local i = 4
+local i = 3
 local function take()
   local v = ARGV[i]
   i = i + 1
@@ -279,7 +281,9 @@ end
 for _ = 1, tonumber(take()) do
   redis.call('ZREM', schedule, take())
 end
-if taken ~= '' then redis.call('ZREM', p .. 'unclaimed', taken) end
+local taken = {}
+for _ = 1, tonumber(take()) do taken[#taken + 1] = take() end
+if #taken > 0 then redis.call('ZREM', p .. 'unclaimed', unpack(taken)) end
 return 1
 """)
 
@@ -418,16 +422,15 @@ class Ledger:
             loaded.append(Loaded(event, done, seen, None, marks))
         return loaded
 
-    async def lease(self, plan: LeasePlan, taken: bytes | None) -> None:
+    async def lease(self, plan: LeasePlan, taken: tuple[bytes, ...] = ()) -> None:
         """Before attempts start, in one script (LEASE): add the next-attempt messages
         (leases), hold what may not be posted now, park what has no room, note what each
         subscriber has pending, drop pulled members that need no lease, and last remove
-        ``taken`` (the message of the task doing this) from ``unclaimed``: all or nothing, so
+        ``taken`` (the notes of the task doing this) from ``unclaimed``: all or nothing, so
         the task's message stays noted (and is queued again) unless everything was written."""
-        if plan.empty() and taken is None:
+        if plan.empty() and not taken:
             return
-        args: list[Any] = [self._k.prefix, taken or b"", now_ms(), len(plan.leases),
-                           *_scored(plan.leases)]
+        args: list[Any] = [self._k.prefix, now_ms(), len(plan.leases), *_scored(plan.leases)]
         args.append(len(plan.held))
         for sub, held in plan.held.items():
             args += [sub, len(held), *_scored(held)]
@@ -438,7 +441,7 @@ class Ledger:
             args.append(len(groups))
             for sub, scored_members in groups.items():
                 args += [sub, len(scored_members), *_scored(scored_members)]
-        args += [len(plan.drops), *plan.drops]
+        args += [len(plan.drops), *plan.drops, len(taken), *taken]
         result = await self._tasks.script(LEASE, (), args)
         if isinstance(result, Exception):
             raise result

@@ -94,8 +94,9 @@ class _Plan:
     def __init__(self) -> None:
         self.redis = LeasePlan(held=defaultdict(dict), moves=defaultdict(list),
                                parked=defaultdict(dict), pending=defaultdict(dict))
-        #: (event, subscriber, attempt, lease, trigger)
-        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None]] = []
+        #: (event, subscriber, attempt, lease, trigger, ordered: may be queued under the
+        #: subscriber for ordered delivery)
+        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None, bool]] = []
         #: (event id, subscriber, reason, event, the pulled member it was, if it was one)
         self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None,
                               bytes | None]] = []
@@ -355,13 +356,14 @@ class Engine:
                 # Its posts ended while the plan was written: no post is left whose end would
                 # pull the parked attempts, so pull now rather than at the next poll (1 s).
                 self._background_pull(name)
-        for event, sub, attempt, lease, trigger in plan.launch:
+        for launch in plan.launch:
+            sub, lease = launch[1], launch[3]
             self.leases.track(lease, plan.leases[lease], sub)
             lane = self.lanes[sub.name]
             if lane.open < lane.width:
-                self._open(lane, event, sub, attempt, lease, trigger)
+                self._open(lane, *launch)
             else:
-                lane.waiting.append((event, sub, attempt, lease, trigger))
+                lane.waiting.append(launch)
 
     def _plan_event(self, plan: _Plan, event_id: str, item: Loaded, names: list[str] | None,
                     attempt: int, batch: str | None, unknown: dict[str, bool], now: int,
@@ -428,7 +430,11 @@ class Engine:
             else:
                 own_lease = lease or member(event_id, sub.name, attempt + 1)
                 plan.leases[own_lease] = now + self.leases.lease_ms(sub)
-                plan.launch.append((event, sub, attempt, own_lease, trigger))
+                # Queued under this subscriber's ordering only if it has ordering (here) or
+                # the delivery record marks it so (the ingress had it on): else its success
+                # has no next event to release, and the outcome script skips looking.
+                ordered = sub.ordering is not None or sub.name in item.marks
+                plan.launch.append((event, sub, attempt, own_lease, trigger, ordered))
                 lane.held += 1
 
     def _fan_out(self, event: StoredEvent, item: Loaded) -> tuple[list[Subscriber], list[str]]:
@@ -568,9 +574,9 @@ class Engine:
             log.warning("could not pull parked attempts", extra={"error": repr(task.exception())})
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
-              lease: bytes, trigger: str | None = None) -> None:
+              lease: bytes, trigger: str | None = None, ordered: bool = True) -> None:
         lane.open += 1
-        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger))
+        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger, ordered))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, lane, lease))
 
@@ -592,7 +598,7 @@ class Engine:
     # -- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
-                       lease: bytes, trigger: str | None = None) -> None:
+                       lease: bytes, trigger: str | None = None, ordered: bool = True) -> None:
         verdict = GO if self.gate.fast(sub) else await self.gate.admit(sub)
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
@@ -630,7 +636,7 @@ class Engine:
                    "latency_ms": outcome.latency_ms}
         if outcome.ok:
             recorded = await self._persist(
-                lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
+                lambda: self.ledger.succeeded(event.event_id, sub, lease, record, ordered))
             if log.isEnabledFor(logging.INFO):
                 log.info("delivered", extra=context)
         elif final:

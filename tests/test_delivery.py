@@ -19,6 +19,7 @@ from tests.hub import (
     dead_letters,
     delivered,
     enqueue_event,
+    enqueue_events,
     event_body,
     ingress,
     post,
@@ -370,3 +371,31 @@ def test_attempts_scheduled_as_references_or_as_full_messages_are_delivered_once
                    what="both delivered, nothing left noted or scheduled")
         time.sleep(0.3)
     assert sorted(r.event_id for r in sink.on("/a")) == ["EVOLD", "EVREF"]
+
+
+def test_a_burst_of_fan_out_tasks_waits_for_room_instead_of_parking(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Tasks are handed to the delivery loop before their attempts are planned: a burst of
+    them must count what the ones ahead will hold, or each finds the lanes not yet full and
+    the process parks most of the burst (each parked attempt then costs a pull and a second
+    load)."""
+    names = [f"b{i}" for i in range(4)]
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": n, "url": sink.url(f"/{n}"), "secret": "s"} for n in names],
+        worker={"concurrency": 1, "max_in_flight": 40, "max_connections": 8})
+    for n in names:
+        sink.behave(f"/{n}", lambda _: Reply(200, delay=0.02))
+    events = []
+    for batch in range(12):  # 12 fan-out tasks of 5 events: 20 attempts each
+        events += enqueue_events(redis_client, [event_body(f"EVBURST{batch:02d}{i}")
+                                                for i in range(5)])
+    peak = 0
+    with worker(config, tmp_path / "worker.log"):
+        deadline = time.monotonic() + 60
+        while sum(len(sink.on(f"/{n}")) for n in names) < 4 * len(events) \
+                and time.monotonic() < deadline:
+            peak = max(peak, sum(redis_client.zcard(Keys().parked(n)) for n in names))
+            time.sleep(0.005)
+    assert peak == 0, peak
+    for n in names:
+        assert Counter(r.event_id for r in sink.on(f"/{n}")) == Counter(events)

@@ -119,6 +119,10 @@ class Engine:
         self._pending: set[concurrent.futures.Future[int]] = set()
         self._pending_lock = threading.Lock()
         self._full_since: float | None = None
+        #: Attempts of the tasks handed to the loop and not yet planned (see _wait_for_room).
+        self._reserved = 0.0
+        #: Attempts per event of a fan-out task, as planned lately (a moving average).
+        self._per_event = float(max(1, len(config.subscribers)))
         #: Event records in memory, one per (id, received_at) while any attempt holds it.
         self._live: weakref.WeakValueDictionary[tuple[str, float], StoredEvent] = (
             weakref.WeakValueDictionary())
@@ -174,21 +178,30 @@ class Engine:
         (workers/scheduler.py). Only when MAX_PENDING_STARTS are in progress does the task
         wait, so a worker whose loop cannot keep up leaves the backlog in the Redis queue.
         """
-        self._wait_for_room()
+        events = 1 if isinstance(event_ids, str) else len(event_ids)
+        expected = events * (len(subscribers) if subscribers is not None else self._per_event)
+        self._wait_for_room(expected)
         future = asyncio.run_coroutine_threadsafe(
             self._start_until_done(event_ids, subscribers, attempt, batch, trigger),
             self._loop)
         with self._pending_lock:
             self._pending.add(future)
-        future.add_done_callback(self._started)
+            self._reserved += expected
+        future.add_done_callback(functools.partial(self._started, expected))
         while len(self._pending) > MAX_PENDING_STARTS:
             concurrent.futures.wait(list(self._pending), timeout=1.0,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _wait_for_room(self) -> None:
-        """While every lane is full, let the backlog wait in the Redis queue (where any worker
-        can take it) rather than park it attempt by attempt; but only for a bounded time in
-        all. Celery has prefetched messages behind this one, unacknowledged until their tasks
+    def _wait_for_room(self, expected: float) -> None:
+        """While the lanes have no room for this task's attempts (``expected`` of them), let
+        the backlog wait in the Redis queue (where any worker can take it) rather than park it
+        attempt by attempt; but only for a bounded time in all. Room counts the attempts of
+        tasks handed to the loop and not yet planned (``_reserved``): without them a burst of
+        tasks, each started before the one ahead had filled the lanes, parked most of what it
+        carried (at fan-out 10 half the deliveries of a saturated run, each costing a park,
+        a pull and a second load).
+
+        Celery has prefetched messages behind this one, unacknowledged until their tasks
         return: held past ``worker.visibility_timeout``, kombu's restore (run by whichever
         worker polls) queues them again, re-serialised, so neither the worker holding them nor
         the scheduler's unclaimed check recognises them, and they run twice. So the process
@@ -196,19 +209,27 @@ class Engine:
         however many tasks arrive meanwhile; past that, tasks park their overflow at once. One
         subscriber alone never gets here: it holds at most its share of max_in_flight."""
         most = self.config.worker.max_in_flight
-        if self.lanes.held() < most:
+
+        def full() -> bool:
+            # A task of more than half the process's share starts once half is free (the
+            # rest of it parks): waiting for all of it would idle the lanes meanwhile.
+            busy = self.lanes.held() + self._reserved
+            return busy > 0 and busy + min(expected, most // 2) > most
+
+        if not full():
             self._full_since = None
             return
         now = time.monotonic()
         if self._full_since is None:
             self._full_since = now
         deadline = self._full_since + self.config.worker.visibility_timeout / FULL_WAIT_SHARE
-        while self.lanes.held() >= most and time.monotonic() < deadline:
+        while full() and time.monotonic() < deadline:
             time.sleep(0.005)
 
-    def _started(self, future: concurrent.futures.Future[int]) -> None:
+    def _started(self, expected: float, future: concurrent.futures.Future[int]) -> None:
         with self._pending_lock:
             self._pending.discard(future)
+            self._reserved -= expected
 
     async def _start_until_done(self, event_ids: str | list[str], names: list[str] | None,
                                 attempt: int, batch: str | None, trigger: str | None = None
@@ -298,6 +319,10 @@ class Engine:
                     plan.dead.append((event_id, self.subscribers.get(name, name), reason,
                                       item.event, None))
         await self._commit(plan, taken)
+        if names is None and ids:
+            attempts = len(plan.launch) + sum(len(m) for m in plan.redis.parked.values()) \
+                + sum(len(m) for m in plan.redis.held.values())
+            self._per_event = 0.8 * self._per_event + 0.2 * attempts / len(ids)
         return len(plan.launch)
 
     def _taken(self, event_ids: str | list[str], names: list[str] | None, attempt: int,

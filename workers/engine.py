@@ -121,6 +121,10 @@ class Engine:
         self._full_since: float | None = None
         #: Attempts of the tasks handed to the loop and not yet planned (see _wait_for_room).
         self._reserved = 0.0
+        #: Tasks waiting for room (thread id -> the level of held + reserved they need), and
+        #: the event that wakes them.
+        self._room_wanted: dict[int, float] = {}
+        self._room = threading.Event()
         #: Attempts per event of a fan-out task, as planned lately (a moving average).
         self._per_event = float(max(1, len(config.subscribers)))
         #: Event records in memory, one per (id, received_at) while any attempt holds it.
@@ -223,13 +227,32 @@ class Engine:
         if self._full_since is None:
             self._full_since = now
         deadline = self._full_since + self.config.worker.visibility_timeout / FULL_WAIT_SHARE
-        while full() and time.monotonic() < deadline:
-            time.sleep(0.005)
+        # Woken by the loop when a post ends with room enough (``_room_made``), not by
+        # polling: a thread waking every few milliseconds took the GIL from the loop each time.
+        me = threading.get_ident()
+        self._room_wanted[me] = most - min(expected, most // 2)
+        try:
+            while True:
+                self._room.clear()
+                left = deadline - time.monotonic()
+                if not full() or left <= 0:
+                    return
+                self._room.wait(min(left, 0.1))
+        finally:
+            del self._room_wanted[me]
+
+    def _room_made(self) -> None:
+        """On the loop, when held attempts end or a plan is written: wake a task waiting in
+        ``_wait_for_room`` if there is room enough for it now."""
+        if self._room_wanted and (self.lanes.held() + self._reserved
+                                  <= max(self._room_wanted.values(), default=0)):
+            self._room.set()
 
     def _started(self, expected: float, future: concurrent.futures.Future[int]) -> None:
         with self._pending_lock:
             self._pending.discard(future)
             self._reserved -= expected
+        self._room_made()
 
     async def _start_until_done(self, event_ids: str | list[str], names: list[str] | None,
                                 attempt: int, batch: str | None, trigger: str | None = None
@@ -610,6 +633,8 @@ class Engine:
         self.leases.forget(lease)
         lane.held -= 1
         lane.open -= 1
+        if self._room_wanted:
+            self._room_made()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         if lane.waiting and lane.open < lane.width:

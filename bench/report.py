@@ -621,6 +621,7 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
         "",
         f"`{m.get('command', 'python -m bench.run')}` on {m.get('nproc')} cores "
         f"({m.get('cpu')}), Python {m.get('python')}, aiohttp {m.get('aiohttp')}, "
+        f"event loop {m.get('event_loop', 'asyncio')} (every process), "
         f"Celery {m.get('celery')}, redis-server {redis.get('version', '?')} "
         f"(appendonly {redis.get('appendonly', '?')}, appendfsync "
         f"{redis.get('appendfsync', '?')}), commit {m.get('commit')}, load average at start "

@@ -35,7 +35,7 @@ import aiohttp
 import msgspec
 from redis.exceptions import RedisError
 
-from relay import clock, tracing
+from relay import clock, loops, tracing
 from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
@@ -110,7 +110,7 @@ class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.keys = Keys.of(config)
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="relay-delivery",
                                         daemon=True)
         self._thread.start()

@@ -37,7 +37,12 @@ events                     zset    event id -> received ms (the time index; trim
 order:{number}             zset    event id -> received ms, per Ingram order number
 dead:{sub}                 zset    event id -> dead-lettered ms (the dead letter index)
 deadsubs                   set     subscribers that have (or had) dead letters
-pending:{sub}              zset    event id -> first leased ms, until delivered or dead
+pending:{sub}              zset    event id -> received ms, until delivered or dead: every
+                                   pending delivery but the first attempts of fan-outs that a
+                                   worker process holds (those are in ``inflight``)
+inflight                   hash    ``{sub}|{host:pid}`` -> ``count oldest-received-ms at-ms``:
+                                   what each worker process holds of those first attempts,
+                                   written every second (workers/tally.py)
 stats:{minute}             hash    per-minute counters (accepted, per subscriber outcomes and
                                    latency buckets, backlog age)
 totals                     hash    the same counters since the start (Prometheus)
@@ -142,6 +147,10 @@ class Keys:
 
     def pending(self, subscriber: str) -> str:
         return f"{self.prefix}pending:{subscriber}"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.prefix}inflight"
 
     def stats(self, minute: int) -> str:
         """Counters of one minute (``minute`` = unix seconds // 60)."""

@@ -70,6 +70,7 @@ def subscribers(sink: Sink) -> list[dict[str, Any]]:
         sub("fa-bad", "failing", max_attempts=1),
         sub("rq", "replayq", max_attempts=1),
         sub("pg", "paging"),
+        sub("sl", "slow"),
     ]
 
 
@@ -83,6 +84,7 @@ class Hub:
         for path in ("/tl-dead", "/ta-dead", "/rp", "/pu", "/or-dead", "/fa-bad", "/rq"):
             self.sink.behave(path, lambda n: Reply(500))
         self.sink.behave_per_event("/ta-flaky", lambda event, n: Reply(500 if n == 1 else 200))
+        self.sink.behave("/sl", lambda n: Reply(200, delay=1.5))
         self.path = write_config(tmp / "relay.yaml", redis_server.url, subscribers(self.sink),
                                  delivery={"timeout": "2s", "max_attempts": 5, "backoff": FAST},
                                  redis={"prefix": PREFIX}, admin={"token": TOKEN})
@@ -328,6 +330,28 @@ def test_subscribers_report_last_hour_counts_dead_letters_and_masked_urls(hub: H
         assert row["signature"] == "ingram" and row["rateLimit"] is None
     # The timeline test's 503 answers keep one delivery of tl-retry pending.
     assert rows["tl-retry"]["pending"] >= 1 and rows["tl-retry"]["oldestPendingSeconds"] >= 0
+
+
+def test_attempts_in_flight_are_pending_though_only_their_workers_count_them(hub: Hub) -> None:
+    """A fan-out's first attempts, posted at once, have no note in pending:{sub} (a write
+    and a delete per delivery): their worker counts them every second, and the admin adds
+    them to the noted ones."""
+    for n in (1, 2, 3):
+        hub.send(f"EV-SL-{n}", "slow")
+
+    def row() -> dict[str, Any]:
+        return next(s for s in hub.get("/api/subscribers") if s["name"] == "sl")
+
+    during = wait_until(lambda: (r := row())["pending"] == 3 and r, 10,
+                        what="three attempts in flight counted pending")
+    assert during["oldestPendingSeconds"] >= 0
+    assert hub.redis.zcard(hub.keys.pending("sl")) == 0
+    hub.sink.wait_for("/sl", 3)
+    for n in (1, 2, 3):
+        hub.wait_states(f"EV-SL-{n}", {"sl": "delivered"})
+    after = wait_until(lambda: (r := row())["pending"] == 0 and r, 10, what="none pending")
+    assert after["oldestPendingSeconds"] is None
+    assert hub.redis.zcard(hub.keys.pending("sl")) == 0
 
 
 def test_pause_holds_deliveries_and_resume_delivers_them(hub: Hub) -> None:

@@ -31,8 +31,8 @@ RETENTION = 86400
 PER_EVENT = {"seen", "event", "deliveries", "log", "letter", "order", "stats"}
 HUB_WIDE = {"queue", "schedule", "unclaimed", "events", "dead", "deadsubs", "pending", "totals",
             "health", "parked", "held", "breakers", "rate", "known", "workers",
-            "backlog_since", "alerts", "ordq", "ordkeys", "ordheld", "ordblocked", "ordready",
-            "ordsubs", "ordwaiting"}
+            "backlog_since", "alerts", "inflight", "ordq", "ordkeys", "ordheld", "ordblocked",
+            "ordready", "ordsubs", "ordwaiting"}
 
 
 def relay(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -93,10 +93,13 @@ class _Plan:
 
     def __init__(self) -> None:
         self.redis = LeasePlan(held=defaultdict(dict), moves=defaultdict(list),
-                               parked=defaultdict(dict), pending=defaultdict(dict))
+                               parked=defaultdict(dict), pending=defaultdict(dict),
+                               unpending=defaultdict(list))
         #: (event, subscriber, attempt, lease, trigger, ordered: may be queued under the
-        #: subscriber for ordered delivery)
-        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None, bool]] = []
+        #: subscriber for ordered delivery, fresh: a fan-out's first attempt with no note in
+        #: pending:{sub})
+        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None, bool,
+                                bool]] = []
         #: (event id, subscriber, reason, event, the pulled member it was, if it was one)
         self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None,
                               bytes | None]] = []
@@ -121,6 +124,10 @@ class Engine:
         self._full_since: float | None = None
         #: Attempts of the tasks handed to the loop and not yet planned (see _wait_for_room).
         self._reserved = 0.0
+        #: Per subscriber, the fresh attempts this process holds (lease -> received ms): the
+        #: pending deliveries with no note in pending:{sub} (see _plan_event), whose count
+        #: and oldest the tally writes every second.
+        self._fresh: defaultdict[str, dict[bytes, int]] = defaultdict(dict)
         #: Tasks waiting for room (thread id -> the level of held + reserved they need), and
         #: the event that wakes them.
         self._room_wanted: dict[int, float] = {}
@@ -142,6 +149,7 @@ class Engine:
         with contextlib.suppress(RedisError, OSError):  # measured again with every note
             await clock.CLOCK.ameasure(self._redis)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
+        self.ledger.tally.in_flight = self._in_flight
         self.leases = LeaseKeeper(self.ledger, self.config.worker.lease_grace)
         self.gate = Gate(self.ledger, self.keys, self.config.worker.lease_grace)
         self.alerts = Alerts(self.ledger, self.keys, self.config.alerts)
@@ -155,6 +163,12 @@ class Engine:
                             asyncio.create_task(self._note_known()),
                             asyncio.create_task(self._puller()),
                             asyncio.create_task(self.ledger.run_tally())]
+
+    def _in_flight(self) -> dict[str, tuple[int, int]]:
+        """Per subscriber, how many fresh attempts this process holds and the oldest one's
+        received ms (pending deliveries with no note in pending:{sub})."""
+        return {name: (len(held), min(held.values())) for name, held in self._fresh.items()
+                if held}
 
     def _apply(self, config: Config) -> None:
         """Take a (re)loaded config: new, changed and removed subscribers apply to new work;
@@ -405,8 +419,10 @@ class Engine:
                 # pull the parked attempts, so pull now rather than at the next poll (1 s).
                 self._background_pull(name)
         for launch in plan.launch:
-            sub, lease = launch[1], launch[3]
+            event, sub, lease = launch[0], launch[1], launch[3]
             self.leases.track(lease, plan.leases[lease], sub)
+            if launch[6]:
+                self._fresh[sub.name][lease] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
             if lane.open < lane.width:
                 self._open(lane, *launch)
@@ -448,14 +464,22 @@ class Engine:
                 plan.leases[member(event_id, name, attempt, trigger)] = now + PARK_UNKNOWN_MS
             else:
                 plan.dead.append((event_id, name, "subscriber removed", event, lease))
+        received = int(event.received_at * 1000)
         for sub in targets:
             if sub.name in item.done:
                 if lease is not None:
                     plan.redis.drops.append(lease)  # delivered meanwhile: no lease needed
+                # A message for a delivery made already (a task run again, a lease that fell
+                # due after the outcome): a pending note left of it goes too.
+                plan.redis.unpending[sub.name].append(event_id)
                 continue
-            plan.redis.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
             own = member(event_id, sub.name, attempt, trigger)
+            # The first attempt of a fan-out, launched here and now, is pending in this
+            # process's hands: counted by its in-flight figures (workers/tally.py) rather
+            # than noted in pending:{sub} (a ZADD and a ZREM per delivery). Every other
+            # pending attempt has its note: held, parked, retried, resent, pulled, ordered.
+            fresh = names is None and lease is None and sub.name not in item.marks
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
@@ -464,6 +488,7 @@ class Engine:
             elif self.gate.cached_hold(sub):
                 # Paused, disabled or its breaker open: held, not posted, not counted. (If a
                 # resume came after the cached verdict, the script puts it due now instead.)
+                plan.redis.pending[sub.name][event_id] = received
                 if lease is None:
                     plan.redis.held[sub.name][own] = now
                 else:  # a pulled member is its own lease in the schedule: moved, not copied
@@ -474,15 +499,18 @@ class Engine:
                 # which lanes of this subscriber in any worker pull as they have room. Not in
                 # memory, not a Celery message, not counted as an attempt: one subscriber's
                 # slowness costs nobody else anything.
+                plan.redis.pending[sub.name][event_id] = received
                 plan.redis.parked[sub.name][own] = now
             else:
+                if not fresh:
+                    plan.redis.pending[sub.name][event_id] = received
                 own_lease = lease or member(event_id, sub.name, attempt + 1)
                 plan.leases[own_lease] = now + self.leases.lease_ms(sub)
                 # Queued under this subscriber's ordering only if it has ordering (here) or
                 # the delivery record marks it so (the ingress had it on): else its success
                 # has no next event to release, and the outcome script skips looking.
                 ordered = sub.ordering is not None or sub.name in item.marks
-                plan.launch.append((event, sub, attempt, own_lease, trigger, ordered))
+                plan.launch.append((event, sub, attempt, own_lease, trigger, ordered, fresh))
                 lane.held += 1
 
     def _fan_out(self, event: StoredEvent, item: Loaded) -> tuple[list[Subscriber], list[str]]:
@@ -622,15 +650,18 @@ class Engine:
             log.warning("could not pull parked attempts", extra={"error": repr(task.exception())})
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
-              lease: bytes, trigger: str | None = None, ordered: bool = True) -> None:
+              lease: bytes, trigger: str | None = None, ordered: bool = True,
+              fresh: bool = False) -> None:
         lane.open += 1
-        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger, ordered))
+        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger, ordered,
+                                                 fresh))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, lane, lease))
 
     def _finished(self, lane: Lane, lease: bytes, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.leases.forget(lease)
+        self._fresh[lane.name].pop(lease, None)
         lane.held -= 1
         lane.open -= 1
         if self._room_wanted:
@@ -648,13 +679,16 @@ class Engine:
     # -- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
-                       lease: bytes, trigger: str | None = None, ordered: bool = True) -> None:
+                       lease: bytes, trigger: str | None = None, ordered: bool = True,
+                       fresh: bool = False) -> None:
         verdict = GO if self.gate.fast(sub) else await self.gate.admit(sub)
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
             self.leases.forget(lease)
             held = member(event.event_id, sub.name, attempt, trigger)
-            await self._persist(lambda: self.ledger.hold(sub.name, lease, held))
+            received = int(event.received_at * 1000)
+            await self._persist(lambda: self.ledger.hold(sub.name, lease, held, event.event_id,
+                                                         received))
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
                                       event.body)
@@ -686,7 +720,8 @@ class Engine:
                    "latency_ms": outcome.latency_ms}
         if outcome.ok:
             recorded = await self._persist(
-                lambda: self.ledger.succeeded(event.event_id, sub, lease, record, ordered))
+                lambda: self.ledger.succeeded(event.event_id, sub, lease, record, ordered,
+                                              noted=not fresh))
             if log.isEnabledFor(logging.INFO):
                 log.info("delivered", extra=context)
         elif final:
@@ -703,7 +738,8 @@ class Engine:
             n = attempt if verdict.probe else attempt + 1
             nxt = member(event.event_id, sub.name, n)
             recorded = await self._persist(
-                lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due))
+                lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due,
+                                             int(event.received_at * 1000)))
             log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3),
                                                "probe": verdict.probe})
         self.gate.learn(sub, outcome.ok, recorded.transitions if recorded else [])

@@ -51,7 +51,7 @@ LOG_LENGTH = 50
 #   {mode (ok | retry | dead), now ms, subscriber, event id, attempt record ('' if no attempt
 #    was made), lease ('' if none), probe (0/1), last error, next member, its due ms, dead
 #    letter, block (0/1), ordered (0/1), breaker failures, cool-down ms, max cool-down ms,
-#    disable_after ms}
+#    disable_after ms, noted (0/1: may have a note in pending:{sub}), received ms}
 # (byte strings as msgpack str: Redis's cmsgpack reads no bin). Returns, for each outcome
 # that changed more than the outcome itself, its position, its health transitions and the
 # ordered events its leaving released.
@@ -143,7 +143,8 @@ local function outcome(o)
       redis.call('EXPIRE', d, ret)
     end
     redis.call('ZREM', schedule, lease)
-    redis.call('ZREM', p .. 'pending:' .. sub, id)
+    -- A fan-out's first attempt has no note in pending:{sub} (its worker counts it).
+    if o[18] == 1 then redis.call('ZREM', p .. 'pending:' .. sub, id) end
     -- Ordered: the next event of each of its keys may go now (relay/ordering.py). Skipped
     -- for an event the worker knows not to be queued under this subscriber (no ordering
     -- configured, no mark in its delivery record when it was loaded).
@@ -164,6 +165,7 @@ local function outcome(o)
     end
     redis.call('HSET', d, sub, (to_held and 'h' or 'r') .. due)
     redis.call('EXPIRE', d, ret)
+    redis.call('ZADD', p .. 'pending:' .. sub, 'NX', o[19], id)
     redis.call('EXPIRE', p .. 'event:' .. id, ret)
   else  -- dead
     local dead = p .. 'dead:' .. sub
@@ -211,12 +213,14 @@ local function held_now(health)
 end
 """
 
-# KEYS: schedule, held, health. ARGV: lease, member, now ms. An attempt admitted to no post
-# (paused, disabled, breaker open): its lease becomes a held attempt, unless the lease already
-# fell due and was queued (then that message holds it when it runs).
+# KEYS: schedule, held, health, pending. ARGV: lease, member, now ms, event id, received ms.
+# An attempt admitted to no post (paused, disabled, breaker open): its lease becomes a held
+# attempt, noted pending, unless the lease already fell due and was queued (then that message
+# holds it when it runs).
 HOLD = Script(HELD_NOW_FN + """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('ZADD', held_now(KEYS[3]) and KEYS[2] or KEYS[1], ARGV[3], ARGV[2])
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[4])
   return 1
 end
 return 0
@@ -259,6 +263,7 @@ return members
 #                                                         to held:{sub} if held now, else due now
 #   parked   n groups x (sub, k, k x (ms, member))     -> parked:{sub} (NX: keeps its place)
 #   pending  n groups x (sub, k, k x (ms, event id))   -> pending:{sub} (NX)
+#   unpending n groups x (sub, k, k x event id)        removed from pending:{sub} (delivered)
 #   drops    n, n x member                             removed from the schedule
 #   taken    n, n x member                             the task's notes in ``unclaimed``
 # The task's note in ``unclaimed`` goes last, with everything it stands for (its message, and
@@ -310,6 +315,10 @@ for _, name in ipairs({'parked:', 'pending:'}) do
   end
 end
 for _ = 1, tonumber(take()) do
+  local key, k = p .. 'pending:' .. take(), tonumber(take())
+  for _ = 1, k do redis.call('ZREM', key, take()) end
+end
+for _ = 1, tonumber(take()) do
   redis.call('ZREM', schedule, take())
 end
 local taken = {}
@@ -351,10 +360,12 @@ class LeasePlan(msgspec.Struct):
     pending: dict[str, dict[Any, int]] = msgspec.field(default_factory=dict)
     #: pulled members that need no lease (delivered meanwhile)
     drops: list[bytes] = msgspec.field(default_factory=list)
+    #: subscriber -> event ids delivered already: no pending note may be left of them
+    unpending: dict[str, list[Any]] = msgspec.field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.leases or self.held or self.moves or self.parked or self.pending
-                    or self.drops)
+                    or self.drops or self.unpending)
 
 
 class Loaded(msgspec.Struct, frozen=True):
@@ -472,6 +483,9 @@ class Ledger:
             args.append(len(groups))
             for sub, scored_members in groups.items():
                 args += [sub, len(scored_members), *_scored(scored_members)]
+        args.append(len(plan.unpending))
+        for sub, ids in plan.unpending.items():
+            args += [sub, len(ids), *ids]
         args += [len(plan.drops), *plan.drops, len(taken), *taken]
         result = await self._tasks.script(LEASE, (), args)
         if isinstance(result, Exception):
@@ -511,21 +525,27 @@ class Ledger:
         ended) or moved to the queue stays so (``XX``)."""
         await self.run([("ZADD", self._k.schedule, "XX", *_scored(leases))])
 
-    async def hold(self, sub: str, lease: bytes, member: bytes) -> None:
-        await self.script(HOLD, (self._k.schedule, self._k.held(sub), self._k.health(sub)),
-                          (lease, member, now_ms()))
+    async def hold(self, sub: str, lease: bytes, member: bytes, event_id: str,
+                   received_ms: int) -> None:
+        await self.script(HOLD, (self._k.schedule, self._k.held(sub), self._k.health(sub),
+                                 self._k.pending(sub)),
+                          (lease, member, now_ms(), event_id, received_ms))
 
     async def succeeded(self, event_id: str, sub: Subscriber, lease: bytes,
-                        record: Attempt, ordered: bool = True) -> Recorded:
+                        record: Attempt, ordered: bool = True, noted: bool = True) -> Recorded:
         """``ordered`` False: the event is known not to be queued under ``sub`` for ordered
         delivery (no ordering configured, no mark in its delivery record when loaded), so
-        there is no next event to release."""
-        return await self._outcome("ok", event_id, sub, lease, record, ordered=ordered)
+        there is no next event to release. ``noted`` False: a fan-out's first attempt,
+        never noted in pending:{sub} (workers/engine.py _plan_event)."""
+        return await self._outcome("ok", event_id, sub, lease, record, ordered=ordered,
+                                   noted=noted)
 
     async def retry_at(self, event_id: str, sub: Subscriber, lease: bytes, record: Attempt,
-                       next_member: bytes, due_ms: int) -> Recorded:
+                       next_member: bytes, due_ms: int, received_ms: int) -> Recorded:
+        """``received_ms``: the event's, the score of its note in pending:{sub}."""
         return await self._outcome("retry", event_id, sub, lease, record,
-                                   next_member=next_member, due_ms=due_ms)
+                                   next_member=next_member, due_ms=due_ms,
+                                   received_ms=received_ms)
 
     async def dead_letter(self, event_id: str, sub: Subscriber | str, reason: str,
                           event: StoredEvent | None, lease: bytes | None = None,
@@ -548,7 +568,8 @@ class Ledger:
     async def _outcome(self, mode: str, event_id: str, sub: Subscriber | str,
                        lease: bytes | None, record: Attempt | None, *,
                        next_member: bytes = b"", due_ms: int = 0, letter: bytes = b"",
-                       block: bool = False, ordered: bool = True) -> Recorded:
+                       block: bool = False, ordered: bool = True, noted: bool = True,
+                       received_ms: int = 0) -> Recorded:
         name = sub if isinstance(sub, str) else sub.name
         now = now_ms()
         item = [mode, now, name, event_id, _lua_str(_encode(record)) if record else "",
@@ -556,7 +577,7 @@ class Ledger:
                 record.describe() if record else "",
                 _lua_str(next_member) if next_member else "", due_ms,
                 _lua_str(letter) if letter else "", int(block), int(ordered),
-                *self._breaker(sub)]
+                *self._breaker(sub), int(noted), received_ms]
         recorded = await self._outcomes.submit(item)
         # Counted once the outcome is recorded (workers/tally.py writes it within a second).
         self.tally.outcome(name, mode, now, record.latency_ms if record else None)

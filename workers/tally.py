@@ -20,11 +20,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from relay.batching import GroupCommit, Script
+from relay.clock import now_ms
 from relay.counters import latency_bucket
 
 log = logging.getLogger("relay.worker")
@@ -38,6 +42,9 @@ FLUSH_SECONDS = 1.0
 #   sums     k x (field, float increment)                    -> totals (HINCRBYFLOAT)
 #   success  k x (subscriber, ms)                            -> health:{sub} last_success_at,
 #                                                               unless a later one is there
+#   then this process's id and the time, and
+#   held     k x (subscriber, count, oldest received ms)     -> inflight {sub}|{process}
+#   ended    k x subscriber                                  <- inflight {sub}|{process}
 FLUSH = Script("""
 local p, ttl = ARGV[1], ARGV[2]
 local i = 3
@@ -58,16 +65,32 @@ for _ = 1, tonumber(take()) do
   local last = tonumber(redis.call('HGET', health, 'last_success_at') or 0)
   if tonumber(at) > last then redis.call('HSET', health, 'last_success_at', at) end
 end
+local process, now = take(), take()
+for _ = 1, tonumber(take()) do
+  local sub, count, oldest = take(), take(), take()
+  redis.call('HSET', p .. 'inflight', sub .. '|' .. process, count .. ' ' .. oldest .. ' ' .. now)
+end
+for _ = 1, tonumber(take()) do redis.call('HDEL', p .. 'inflight', take() .. '|' .. process) end
 return 1
 """)
 
 
 class Tally:
-    """Counts of one process since its last flush."""
+    """Counts of one process since its last flush, and what it holds now.
+
+    ``in_flight`` (set by the engine): per subscriber, how many first attempts of a fan-out
+    the process holds and the oldest one's received ms. Those deliveries are pending but have
+    no note in ``pending:{sub}`` (workers/engine.py ``_plan_event``); each flush writes the
+    figures to ``inflight`` (relay/keys.py), where the admin adds them to the pending ones.
+    """
 
     def __init__(self, prefix: str, stats_ttl: int) -> None:
         self.prefix = prefix
         self.stats_ttl = stats_ttl
+        self.in_flight: Callable[[], dict[str, tuple[int, int]]] = dict
+        self.process = f"{socket.gethostname()}:{os.getpid()}"
+        #: Subscribers this process's last flush wrote in-flight figures for.
+        self._reported: set[str] = set()
         self._clear()
 
     def _clear(self) -> None:
@@ -109,8 +132,11 @@ class Tally:
 
     def take(self) -> list[Any] | None:
         """The FLUSH script's arguments for everything counted, which is then forgotten
-        (``give_back`` if the write fails); None if nothing was counted."""
-        if not self:
+        (``give_back`` if the write fails), and the in-flight figures; None if there is
+        nothing to write."""
+        held = self.in_flight()
+        ended = self._reported - set(held)
+        if not (self or held or ended):
             return None
         args: list[Any] = [self.prefix, self.stats_ttl, len(self.minutes)]
         for minute, fields in self.minutes.items():
@@ -121,7 +147,12 @@ class Tally:
             args.append(len(section))
             for field, value in section.items():
                 args += [field, value]
+        args += [self.process, now_ms(), len(held)]
+        for sub, (count, oldest) in held.items():
+            args += [sub, count, oldest]
+        args += [len(ended), *ended]
         self._taken = (self.minutes, self.totals, self.sums, self.success)
+        self._held = set(held)
         self._clear()
         return args
 
@@ -151,6 +182,7 @@ class Tally:
         except BaseException:
             self.give_back()
             raise
+        self._reported = self._held
 
     async def run(self, commit: GroupCommit) -> None:
         """Flush every FLUSH_SECONDS until cancelled."""

@@ -715,16 +715,21 @@ class Engine:
                          verdict.probe, made_by,
                          http.sent_request(sub, headers),
                          http.answer(sub, outcome, keep_body=not outcome.ok))
-        context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
-                   "status": outcome.status, "error": outcome.error,
-                   "latency_ms": outcome.latency_ms}
         if outcome.ok:
             recorded = await self._persist(
                 lambda: self.ledger.succeeded(event.event_id, sub, lease, record, ordered,
                                               noted=not fresh))
             if log.isEnabledFor(logging.INFO):
-                log.info("delivered", extra=context)
-        elif final:
+                log.info("delivered", extra=self._context(event, sub, attempt, outcome))
+            if recorded is not None and (recorded.released or recorded.transitions):
+                self.gate.learn(sub, True, recorded.transitions)
+                await self._recorded(recorded, sub.name,
+                                     f"{event.event_id}: {record.describe()}")
+            else:  # the common case: nothing but the outcome changed
+                self.gate.learn(sub, True, [])
+            return
+        context = self._context(event, sub, attempt, outcome)
+        if final:
             reason = ("410 Gone" if outcome.gone
                       else f"{attempt} attempt{'s' if attempt != 1 else ''} failed")
             recorded = await self._persist(
@@ -744,6 +749,14 @@ class Engine:
                                                "probe": verdict.probe})
         self.gate.learn(sub, outcome.ok, recorded.transitions if recorded else [])
         await self._recorded(recorded, sub.name, f"{event.event_id}: {record.describe()}")
+
+    @staticmethod
+    def _context(event: StoredEvent, sub: Subscriber, attempt: int,
+                 outcome: http.Outcome) -> dict[str, Any]:
+        """What a log line about an attempt names."""
+        return {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
+                "status": outcome.status, "error": outcome.error,
+                "latency_ms": outcome.latency_ms}
 
     def _said_dead(self, event_id: str, sub: Subscriber | str, reason: str) -> None:
         log.warning("dead-lettered", extra={"eventId": event_id,

@@ -393,6 +393,8 @@ class Ledger:
         self.retention = retention
         self._batch = GroupCommit(client, timeout=10.0)
         self._outcomes = _Outcomes(self._batch, self)
+        #: id(subscriber) -> (the subscriber, its health settings as OUTCOMES takes them)
+        self._breakers: dict[int, tuple[Subscriber, tuple[int, int, int, int]]] = {}
         # A task's own round trips (load, lease) have their own pipeline: behind the outcome
         # writes of hundreds of posts they would wait their turn, and the task thread with
         # them, holding up every event queued behind it.
@@ -561,9 +563,13 @@ class Ledger:
         """The outcome script's health settings of ``sub`` (see OUTCOMES)."""
         if isinstance(sub, str):  # no longer configured: no health settings to apply
             return (0, 0, 0, 0)
-        cb = sub.circuit_breaker
-        return (cb.failures, int(cb.cool_down * 1000), int(cb.max_cool_down * 1000),
-                int(sub.disable_after * 1000))
+        cached = self._breakers.get(id(sub))
+        if cached is None or cached[0] is not sub:
+            cb = sub.circuit_breaker
+            cached = (sub, (cb.failures, int(cb.cool_down * 1000), int(cb.max_cool_down * 1000),
+                            int(sub.disable_after * 1000)))
+            self._breakers[id(sub)] = cached
+        return cached[1]
 
     async def _outcome(self, mode: str, event_id: str, sub: Subscriber | str,
                        lease: bytes | None, record: Attempt | None, *,
@@ -574,7 +580,7 @@ class Ledger:
         now = now_ms()
         item = [mode, now, name, event_id, _lua_str(_encode(record)) if record else "",
                 _lua_str(lease) if lease else "", int(bool(record and record.probe)),
-                record.describe() if record else "",
+                record.describe() if record and mode != "ok" else "",
                 _lua_str(next_member) if next_member else "", due_ms,
                 _lua_str(letter) if letter else "", int(block), int(ordered),
                 *self._breaker(sub), int(noted), received_ms]

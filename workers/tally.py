@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from relay.batching import GroupCommit, Script
 from relay.clock import now_ms
-from relay.counters import latency_bucket
+from relay.counters import LATENCY_BUCKETS_MS, latency_bucket
 
 log = logging.getLogger("relay.worker")
 
@@ -75,6 +75,18 @@ return 1
 """)
 
 
+#: subscriber -> its counter fields: the latency buckets', then ls, d, f, x (relay/counters.py)
+_FIELDS: dict[str, tuple[str, ...]] = {}
+
+
+def _fields(sub: str) -> tuple[str, ...]:
+    names = tuple(f"{sub}|l{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1)) + tuple(
+        f"{sub}|{x}" for x in ("ls", "d", "f", "x"))
+    if len(_FIELDS) < 10_000:
+        _FIELDS[sub] = names
+    return names
+
+
 class Tally:
     """Counts of one process since its last flush, and what it holds now.
 
@@ -115,20 +127,20 @@ class Tally:
         minute = self.minutes.get(now_ms // 60_000)
         if minute is None:
             minute = self.minutes[now_ms // 60_000] = {}
+        names = _FIELDS.get(sub) or _fields(sub)
         if latency_ms is not None:
-            self._add(minute, f"{sub}|l{latency_bucket(latency_ms)}")
-            field = f"{sub}|ls"
-            self.sums[field] = self.sums.get(field, 0.0) + latency_ms
+            self._add(minute, names[latency_bucket(latency_ms)])
+            self.sums[names[-4]] = self.sums.get(names[-4], 0.0) + latency_ms
         if mode == "ok":
-            self._add(minute, f"{sub}|d")
+            self._add(minute, names[-3])
             if latency_ms is not None and now_ms > self.success.get(sub, 0):
                 self.success[sub] = now_ms
         elif mode == "retry":
-            self._add(minute, f"{sub}|f")
+            self._add(minute, names[-2])
         else:
             if latency_ms is not None:
-                self._add(minute, f"{sub}|f")
-            self._add(minute, f"{sub}|x")
+                self._add(minute, names[-2])
+            self._add(minute, names[-1])
 
     def take(self) -> list[Any] | None:
         """The FLUSH script's arguments for everything counted, which is then forgotten

@@ -658,12 +658,18 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
     if r.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
     lines.append(cpu_markdown(r))
-    lines += [part for part in (redis_markdown(r), steady_markdown(r),
-                                _steady_profile_markdown(r), big_events_markdown(r),
-                                tracing_markdown(r)) if part]
+    # The stressed block stays short (docs/benchmarks.md keeps both): its steady streams, big
+    # events, tracing and profile are in its JSON.
+    extra = () if stressed else (steady_markdown(r), _steady_profile_markdown(r),
+                                 big_events_markdown(r), tracing_markdown(r))
+    lines += [part for part in (redis_markdown(r), *extra) if part]
+    if stressed and any(r.get(k) for k in ("steady", "bigevents", "tracing", "profile")):
+        lines += ["", "Steady streams, big events, tracing and profiles of this run: in its "
+                      "JSON (`bench/results/`)."]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
-    lines.append(_profile_markdown(r))
+    if not stressed:
+        lines.append(_profile_markdown(r))
     lines.append(STRESS_END if stressed else END)
     return "\n".join(lines)
 

@@ -10,6 +10,8 @@ import argparse
 
 from aiohttp import web
 
+from relay import loops
+
 _BODY = b'{"status":"accepted"}'
 
 
@@ -29,7 +31,8 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_post("/{tail:.*}", accept)
-    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(app, host="127.0.0.1", port=args.port, access_log=None, print=None,
+                loop=loops.new_event_loop())
 
 
 if __name__ == "__main__":

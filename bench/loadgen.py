@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from bench.events import event_id, signed
+from relay import loops
 
 
 class _Conn(asyncio.Protocol):
@@ -266,7 +267,7 @@ def main() -> None:
     else:
         coro = run_aiohttp(reqs, spec.get("mode", "closed"), int(spec.get("concurrency", 64)),
                            float(spec.get("rate", 0) or 1), deadline, res)
-    asyncio.run(coro)
+    loops.run(coro)
     out = res.summary()
     out["sent"] = len(reqs)
     out["cpu_s"] = time.process_time() - cpu_before

@@ -83,13 +83,24 @@ def where(frames: list[tuple[str, str]]) -> str:
     names = [f for f, _ in frames]
     if "Scheduler.run" in names:
         thread = "scheduler thread"
-    elif "Thread.run" in names and "BaseEventLoop.run_forever" in names:
+    elif "Thread.run" in names and ("BaseEventLoop.run_forever" in names
+                                    or _on_uvloop(frames, names.index("Thread.run"))):
         thread = "asyncio delivery thread"
     elif "Thread.run" in names or "Thread._bootstrap" in names:
         thread = "other thread"
     else:
         thread = "main thread"
     return proc + thread
+
+
+def _on_uvloop(frames: list[tuple[str, str]], run: int) -> bool:
+    """A thread running a uvloop loop: its loop is C, so its stacks go from ``Thread.run``
+    straight to the callbacks (or stop there: time in the loop itself)."""
+    if run + 1 == len(frames):
+        return True
+    func, path = frames[run + 1]
+    return func not in ("Heartbeat.run", "Timer.run") and any(
+        part in path for part in ("workers/", "relay/", "aiohttp/", "asyncio/", "redis/"))
 
 
 def package_of(path: str) -> str:

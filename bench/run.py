@@ -61,6 +61,7 @@ from bench.procs import (
 )
 from bench.stress import INSTALL as STRESS_INSTALL
 from bench.stress import Stress
+from relay import loops
 from relay.queue import read_deliver_message
 
 FANOUTS = (1, 10, 50)
@@ -1327,6 +1328,8 @@ def machine_facts() -> dict[str, Any]:
         "load_generator": "bench.loadgen (raw asyncio HTTP/1.1 keep-alive; aiohttp for paced "
                           "and egress)",
         "wrk": shutil.which("wrk") is not None,
+        # Every process of the run (hub, ceilings, sinks, load generator) runs on it.
+        "event_loop": loops.name(),
     }
 
 

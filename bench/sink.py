@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from bench.events import id_of
+from relay import loops
 
 
 class Recorder:
@@ -103,7 +104,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    web.run_app(create_app(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+    web.run_app(create_app(), host="127.0.0.1", port=args.port, access_log=None, print=None,
+                loop=loops.new_event_loop())
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The counters the ingress and workers keep in Redis for the admin, the CLI and /metrics.
 
 ``stats:{minute}`` (a hash per minute, expiring) and ``totals`` (running since the start)
-hold the same fields, incremented inside the scripts that record what happened (the
-ingress's store, the workers' outcome script), so any admin process sees the whole hub:
+hold the same fields, incremented by the ingress's store script (``accepted``) and by each
+worker process, which counts its outcomes and writes them once a second (workers/tally.py:
+right within a second), so any admin process sees the whole hub:
 
 ==================  =======================================================================
 field               counts

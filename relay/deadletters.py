@@ -64,6 +64,11 @@ if go then
   redis.call('ZADD', KEYS[6], ARGV[6], ARGV[5])
 end
 redis.call('ZADD', KEYS[7], 'NX', now, id)
+-- What the new attempts will write to without refreshing its expiry (an outcome sets it
+-- only on what it creates, or on a failure) starts its retention again now.
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
+redis.call('EXPIRE', p .. 'log:' .. id .. ':' .. sub, ARGV[4])
 return 1
 """)
 

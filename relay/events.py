@@ -19,7 +19,7 @@ from relay.batching import Script
 from relay.config import Config
 from relay.connections import as_bytes, text
 from relay.health import public_state
-from relay.keys import Keys
+from relay.keys import RECORD_MARK, Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
 from relay.ordering import FUNCTIONS, ORDER_KEY, event_keys, waiting_for
 from relay.queue import deliver_message
@@ -67,7 +67,14 @@ for i = 0, (#ARGV - 5) / 3 - 1 do
       redis.call('EXPIRE', KEYS[1], ret)
     end
     queued = queued + 1
+    -- What the new attempts will write to without refreshing its expiry (an outcome sets
+    -- it only on what it creates, or on a failure) starts its retention again now.
+    redis.call('EXPIRE', p .. 'log:' .. id .. ':' .. sub, ret)
   end
+end
+if queued > 0 then
+  redis.call('EXPIRE', KEYS[1], ret)
+  redis.call('EXPIRE', p .. 'event:' .. id, ret)
 end
 return queued
 """)
@@ -182,7 +189,8 @@ class Events:
         """Every subscriber the event is for: those it matches now, and those with a
         delivery record (even if no longer configured, or the filters changed)."""
         names = [s.name for s in self._router.route(event)] if event else []
-        names += [n.decode() for n in record if n.decode() not in names]
+        names += [n.decode() for n in record
+                  if n != RECORD_MARK and n.decode() not in names]
         return names
 
     async def resend(self, event_id: str, subscriber: str | None = None) -> int:

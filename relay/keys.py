@@ -17,7 +17,9 @@ deliveries:{id}            hash    subscriber -> ``d<ms>`` delivered, ``r<ms>`` 
                                    ``h<ms>`` held, ``x<ms>`` dead-lettered; for an ordered
                                    subscriber ``o<ms>`` first in line when accepted, ``w<ms>``
                                    waiting behind another event, ``q<ms>`` released to a lane
-                                   (the per-event delivery record)
+                                   (the per-event delivery record); and ``#`` (empty), no
+                                   subscriber's: written with each success, so that the
+                                   success that creates the record, alone, sets its expiry
 log:{id}:{sub}             list    msgpack Attempt records, newest first, bounded
 letter:{sub}:{id}          string  msgpack DeadLetter (reason, time, the event)
 =========================  ======  ==========================================================
@@ -35,7 +37,12 @@ events                     zset    event id -> received ms (the time index; trim
 order:{number}             zset    event id -> received ms, per Ingram order number
 dead:{sub}                 zset    event id -> dead-lettered ms (the dead letter index)
 deadsubs                   set     subscribers that have (or had) dead letters
-pending:{sub}              zset    event id -> first leased ms, until delivered or dead
+pending:{sub}              zset    event id -> received ms, until delivered or dead: every
+                                   pending delivery but the first attempts of fan-outs that a
+                                   worker process holds (those are in ``inflight``)
+inflight                   hash    ``{sub}|{host:pid}`` -> ``count oldest-received-ms at-ms``:
+                                   what each worker process holds of those first attempts,
+                                   written every second (workers/tally.py)
 stats:{minute}             hash    per-minute counters (accepted, per subscriber outcomes and
                                    latency buckets, backlog age)
 totals                     hash    the same counters since the start (Prometheus)
@@ -76,6 +83,9 @@ ordwaiting                 hash    subscriber -> events waiting behind another
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+#: The delivery record's marker field (``deliveries:{id}`` above): not a subscriber.
+RECORD_MARK = b"#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +147,10 @@ class Keys:
 
     def pending(self, subscriber: str) -> str:
         return f"{self.prefix}pending:{subscriber}"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.prefix}inflight"
 
     def stats(self, minute: int) -> str:
         """Counters of one minute (``minute`` = unix seconds // 60)."""

@@ -103,6 +103,77 @@ def _template(queue: str, task: str) -> tuple[Any, ...]:
     return tuple(p.decode() if i % 2 else p for i, p in enumerate(parts))
 
 
+# -- short references ---------------------------------------------------------------------
+#
+# The schedule, ``held:{sub}``, ``parked:{sub}`` and ``ordready`` claims hold one member per
+# pending attempt of one (event, subscriber): a lease for every attempt in flight, written
+# before the post and removed after it. As a full Celery message that member was ~770 bytes,
+# hashed and compared by Redis twice per delivery and built (a blake2b, three JSON encodings)
+# by the worker for each; as a reference it is ``{attempt}|{trigger}|{subscriber}|{eventId}``
+# (a subscriber name has no ``|``; an eventId may, last). Only what puts a member on the
+# queue turns it into a message: the scheduler's script (``MESSAGE_FN``, in Lua), and its
+# note in ``unclaimed`` is the reference. Members that are full messages (written before
+# references, still queued or held across an upgrade) work as they are: anything that does
+# not parse as a reference is a message.
+
+
+def member(event_id: str, subscriber: str, attempt: int, trigger: str | None = None) -> bytes:
+    """The reference that stands for ``deliver_message(queue, event_id, [subscriber],
+    attempt, trigger=trigger)`` in the schedule, ``held:`` and ``parked:``."""
+    return f"{attempt}|{trigger or ''}|{subscriber}|{event_id}".encode()
+
+
+def is_member_ref(value: bytes) -> bool:
+    return value[:1].isdigit()
+
+
+def read_member(value: bytes) -> DeliverArgs:
+    """The arguments of a schedule, held or parked member: a reference or a full message."""
+    if is_member_ref(value):
+        attempt, trigger, subscriber, event_id = value.decode().split("|", 3)
+        return DeliverArgs(event_id, [subscriber], int(attempt), None, trigger or None)
+    return read_deliver_message(value)
+
+
+def message_spec(queue: str, task: str = DELIVER_TASK) -> list[bytes]:
+    """What ``MESSAGE_FN`` needs to build ``task``'s messages for ``queue``, as four script
+    arguments: the queue, the task, the message template (literal pieces and slot names
+    joined by NUL: JSON never holds one), and the ``embed`` part of the body."""
+    pieces = [p.encode() if isinstance(p, str) else p for p in _template(queue, task)]
+    return [queue.encode(), task.encode(), b"\0".join(pieces), _EMBED_JSON.encode()]
+
+
+# Lua, prepended to the scripts that put members on the queue. ``message_of(spec, member)``
+# returns the Celery message a member stands for and its delivery tag (the task id), or, for
+# a member that is not a reference, the member itself and nil. ``spec``: message_spec's four
+# values. The message is Celery's protocol 2 as relay.queue builds it, with a task id derived
+# from the arguments (SHA-1 here, not Python's BLAKE2b: the two never need to agree, because
+# the worker removes both the reference and its own message from ``unclaimed``).
+MESSAGE_FN = """
+local function message_of(spec, m)
+  local attempt, trigger, sub, id = string.match(m, '^(%d+)|(%l*)|([%w_.-]+)|(.+)$')
+  if not attempt then return m, nil end
+  local args = '[' .. cjson.encode(id) .. ',[' .. cjson.encode(sub) .. '],' .. attempt
+  if trigger ~= '' then args = args .. ',null,' .. cjson.encode(trigger) end
+  -- cjson writes '/' as '\\/' (valid JSON); written plain, the arguments read as Python's.
+  args = (string.gsub(args .. ']', '\\\\/', '/'))
+  local task_id = string.sub(redis.sha1hex(spec[1] .. '\\n' .. spec[2] .. '\\n' .. args), 1, 32)
+  local slots = {body = cjson.encode('[' .. args .. ',{},' .. spec[4] .. ']'),
+                 id = '"' .. task_id .. '"', argsrepr = cjson.encode(args)}
+  local out, i, n, tpl = {}, 1, 0, spec[3]
+  while true do
+    local j = string.find(tpl, '\\0', i, true)
+    local piece = string.sub(tpl, i, (j or 0) - 1)
+    n = n + 1
+    out[n] = (n % 2 == 0) and slots[piece] or piece
+    if not j then break end
+    i = j + 1
+  end
+  return table.concat(out), task_id
+end
+"""
+
+
 class DeliverArgs(msgspec.Struct, array_like=True):
     event_id: str | list[str]
     subscribers: list[str] | None

@@ -26,6 +26,10 @@ from relay.timefmt import iso_ms
 _SEVERITY = {"disabled": 0, "open": 1, "half-open": 2, "paused": 3, "active": 4}
 WORKER_FRESH_MS = 60_000
 BACKLOG_DEGRADED_S = 60.0
+#: Worker processes write what they hold (``inflight``) every second: figures older than
+#: this are a stopped process's (left out), and older than the second one forgotten.
+IN_FLIGHT_FRESH_MS = 5_000
+IN_FLIGHT_FORGET_MS = 60_000
 #: A subscriber that failed every attempt over this many minutes (the current one included)
 #: makes the hub "degraded".
 FAILING_MINUTES = 5
@@ -63,13 +67,18 @@ class Status:
                 pipe.zremrangebyscore(self._k.pending(name), "-inf", now - retention_ms)
                 pipe.zcard(self._k.pending(name))
                 pipe.zrange(self._k.pending(name), 0, 0, withscores=True)
+            pipe.hgetall(self._k.inflight)
             raw = await pipe.execute()
+        held = await self._in_flight(raw.pop(), now)
         ordered = await ordering.counts(self._r, self._k, names)
         rows = []
         for i, name in enumerate(names):
-            health, _, pending, oldest = raw[4 * i: 4 * i + 4]
+            health, _, pending, noted = raw[4 * i: 4 * i + 4]
+            count, oldest = held.get(name, (0, None))
+            if noted and (oldest is None or noted[0][1] < oldest):
+                oldest = noted[0][1]
             row = self._row(name, self._config.subscriber(name), health, hour,
-                            dead.get(name, 0), int(pending), oldest, now)
+                            dead.get(name, 0), int(pending) + count, oldest, now)
             sub = self._config.subscriber(name)
             waiting, blocked = ordered[name]
             row["ordering"] = ({"by": sub.ordering.by, "onDead": sub.ordering.on_dead,
@@ -103,9 +112,34 @@ class Status:
     async def subscriber(self, name: str) -> dict[str, Any]:
         return next(r for r in await self.subscribers() if r["name"] == name)
 
+    async def _in_flight(self, fields: dict[bytes, bytes], now: float
+                         ) -> dict[str, tuple[int, float]]:
+        """Per subscriber, the first attempts of fan-outs that live worker processes hold
+        (count, oldest received ms): pending, with no note in pending:{sub}. Each process
+        writes its figures every second; those of a process silent for IN_FLIGHT_FRESH_MS are
+        left out (its attempts come back when their leases fall due), and forgotten later."""
+        out: dict[str, tuple[int, float]] = {}
+        stale = []
+        for field, value in fields.items():
+            try:
+                count, oldest, at = (float(x) for x in text(value).split())
+            except ValueError:
+                stale.append(field)
+                continue
+            if now - at > IN_FLIGHT_FORGET_MS:
+                stale.append(field)
+            if now - at > IN_FLIGHT_FRESH_MS:
+                continue
+            name = text(field).split("|", 1)[0]
+            total, first = out.get(name, (0, oldest))
+            out[name] = (total + int(count), min(first, oldest))
+        if stale:
+            await self._r.hdel(self._k.inflight, *stale)
+        return out
+
     def _row(self, name: str, sub: Subscriber | None, health: dict[bytes, bytes],
              hour: list[dict[str, float]], dead: int, pending: int,
-             oldest: list[tuple[bytes, float]], now: float) -> dict[str, Any]:
+             oldest: float | None, now: float) -> dict[str, Any]:
         def total(suffix: str) -> int:
             return int(sum(m.get(f"{name}|{suffix}", 0) for m in hour))
 
@@ -125,8 +159,8 @@ class Status:
             "successRate": (round(delivered / (delivered + failed), 4)
                             if delivered + failed else None),
             "pending": pending,
-            "oldestPendingSeconds": (round((now - oldest[0][1]) / 1000, 1)
-                                     if oldest else None),
+            "oldestPendingSeconds": (round(max(0.0, now - oldest) / 1000, 1)
+                                     if oldest is not None and pending else None),
             "latencyP50Ms": quantile(buckets, 0.5),
             "latencyP99Ms": quantile(buckets, 0.99),
             "lastError": last_error.decode() if last_error else None,

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from relay.keys import Keys
-from relay.queue import deliver_message
+from relay.queue import deliver_message, member
 from relay.signatures import IngramSigner, StandardWebhook
 from tests.hub import (
     STANDARD_SECRET,
@@ -19,6 +19,7 @@ from tests.hub import (
     dead_letters,
     delivered,
     enqueue_event,
+    enqueue_events,
     event_body,
     ingress,
     post,
@@ -304,8 +305,8 @@ def test_redelivered_task_does_not_repeat_deliveries_that_succeeded(
         enqueue_event(redis_client, event_body("EVDONE"))
         sink.wait_for("/a", 1)
         sink.wait_for("/b", 1)
-        wait_until(lambda: redis_client.hlen(keys.deliveries("EVDONE")) == 2, 10,
-                   what="done markers")
+        wait_until(lambda: all(redis_client.hget(keys.deliveries("EVDONE"), s) for s in "ab"),
+                   10, what="done markers")
         # The same fan-out task again (as after a redelivery), and a retry message naming "a"
         # at a later attempt (as a lease falling due after the success would be).
         redis_client.lpush(keys.queue, deliver_message(keys.queue, "EVDONE", None, 1))
@@ -344,3 +345,57 @@ def test_concurrent_events_and_repeats_are_batched_yet_each_is_delivered_once(
         got = sink.on("/erp")
     assert sorted(answers) == sorted([202] * len(events) + [200] * 12)
     assert sorted(r.event_id for r in got) == events
+
+
+def test_attempts_scheduled_as_references_or_as_full_messages_are_delivered_once(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """The schedule holds short references (relay/queue.py ``member``), which the scheduler
+    turns into Celery messages; a full message scheduled by an earlier version of the hub
+    (in flight across an upgrade) is delivered the same way. Each task removes its note from
+    ``unclaimed`` in whichever form the scheduler wrote it."""
+    keys = Keys()
+    for event_id in ("EVREF", "EVOLD"):
+        enqueue_event(redis_client, event_body(event_id))
+    redis_client.delete(keys.queue, keys.unclaimed)  # their fan-outs: not this test's
+    now = int(time.time() * 1000)
+    redis_client.zadd(keys.schedule, {member("EVREF", "a", 1): now,
+                                      deliver_message(keys.queue, "EVOLD", ["a"], 1): now})
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": "a", "url": sink.url("/a"), "secret": "s"}])
+    with worker(config, tmp_path / "worker.log"):
+        sink.wait_for("/a", 2)
+        wait_until(lambda: delivered(redis_client, "EVREF", "a")
+                   and delivered(redis_client, "EVOLD", "a")
+                   and redis_client.zcard(keys.unclaimed) == 0
+                   and redis_client.zcard(keys.schedule) == 0, 10,
+                   what="both delivered, nothing left noted or scheduled")
+        time.sleep(0.3)
+    assert sorted(r.event_id for r in sink.on("/a")) == ["EVOLD", "EVREF"]
+
+
+def test_a_burst_of_fan_out_tasks_waits_for_room_instead_of_parking(
+        tmp_path: Path, redis_server, redis_client, sink: Sink) -> None:
+    """Tasks are handed to the delivery loop before their attempts are planned: a burst of
+    them must count what the ones ahead will hold, or each finds the lanes not yet full and
+    the process parks most of the burst (each parked attempt then costs a pull and a second
+    load)."""
+    names = [f"b{i}" for i in range(4)]
+    config = write_config(tmp_path / "relay.yaml", redis_server.url, [
+        {"name": n, "url": sink.url(f"/{n}"), "secret": "s"} for n in names],
+        worker={"concurrency": 1, "max_in_flight": 40, "max_connections": 8})
+    for n in names:
+        sink.behave(f"/{n}", lambda _: Reply(200, delay=0.02))
+    events = []
+    for batch in range(12):  # 12 fan-out tasks of 5 events: 20 attempts each
+        events += enqueue_events(redis_client, [event_body(f"EVBURST{batch:02d}{i}")
+                                                for i in range(5)])
+    peak = 0
+    with worker(config, tmp_path / "worker.log"):
+        deadline = time.monotonic() + 60
+        while sum(len(sink.on(f"/{n}")) for n in names) < 4 * len(events) \
+                and time.monotonic() < deadline:
+            peak = max(peak, sum(redis_client.zcard(Keys().parked(n)) for n in names))
+            time.sleep(0.005)
+    assert peak == 0, peak
+    for n in names:
+        assert Counter(r.event_id for r in sink.on(f"/{n}")) == Counter(events)

@@ -248,9 +248,14 @@ def test_status_table_and_subscribers_pause_resume(hub: Hub) -> None:
     assert out.stdout.strip() == "resumed cli-pause; 1 held attempt(s) released"
     hub.sink.wait_for("/cli-pause", 1)
     hub.wait_state("EV-CLI-P", "cli-pause", "d")
-    out = hub.relay("status")
-    row = next(line.split() for line in out.stdout.splitlines()
-               if line.startswith("cli-pause "))
+
+    def status_row() -> list[str]:
+        out = hub.relay("status")
+        return next(line.split() for line in out.stdout.splitlines()
+                    if line.startswith("cli-pause "))
+
+    # The delivery is counted within a second (workers/tally.py).
+    row = wait_until(lambda: (r := status_row())[2] == "1" and r, 10, what="the count")
     assert row[1:5] == ["active", "1", "0", "100.0%"]
 
     for action in ("pause", "resume"):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 
+import msgspec
 import redis
 
 from relay.keys import Keys
-from relay.queue import deliver_message, read_deliver_message
+from relay.queue import deliver_message, member, read_deliver_message
 from tests.support import wait_until
-from workers.scheduler import Scheduler
+from workers.scheduler import KOMBU_UNACKED, Scheduler
 
 KEYS = Keys()
 
@@ -117,3 +118,51 @@ def test_member_not_yet_due_stays_in_the_schedule(redis_server, redis_client) ->
         scheduler.stop()
         client.close()
     assert read_deliver_message(redis_client.rpop(KEYS.queue)).attempt == 3
+
+
+# -- short references (relay/queue.py member) --------------------------------------------------
+
+
+def test_a_reference_falls_due_as_the_celery_message_it_stands_for_noted_by_the_reference(
+        redis_client: redis.Redis) -> None:
+    now = 1_700_000_000_000
+    plain, resent = member("EV/ref 1", "erp", 2), member('EV"ref|2', "crm.v2", 1, "resend")
+    redis_client.zadd(KEYS.schedule, {plain: now - 2, resent: now - 1})
+    assert Scheduler(redis_client, KEYS).move_due(now) == 2
+    queued = [read_deliver_message(redis_client.rpop(KEYS.queue)) for _ in range(2)]
+    assert [(a.event_id, a.subscribers, a.attempt, a.batch, a.trigger) for a in queued] == [
+        ("EV/ref 1", ["erp"], 2, None, None), ('EV"ref|2', ["crm.v2"], 1, None, "resend")]
+    assert set(redis_client.zrange(KEYS.unclaimed, 0, -1)) == {plain, resent}
+
+
+def test_a_reference_noted_in_unclaimed_is_queued_again_only_when_its_message_is_lost(
+        redis_client: redis.Redis) -> None:
+    now = 1_700_000_000_000
+    scheduler = Scheduler(redis_client, KEYS, redeliver_after=60)
+    refs = {name: member(f"EV{name}", "s", 2) for name in ("WAIT", "HELD", "LOST")}
+    redis_client.zadd(KEYS.schedule, {ref: now - 1 for ref in refs.values()})
+    assert scheduler.move_due(now) == 3
+    messages = {read_deliver_message(m).event_id: m for m in redis_client.lrange(KEYS.queue, 0, -1)}
+    redis_client.delete(KEYS.queue)
+    redis_client.lpush(KEYS.queue, messages["EVWAIT"])  # still waiting in the queue
+    held = msgspec.json.decode(messages["EVHELD"])["properties"]["delivery_tag"]
+    redis_client.hset(KOMBU_UNACKED, held, b"[...]")    # a worker has it; kombu knows
+    try:
+        assert scheduler.move_due(now + 60_000) == 1
+        assert redis_client.lrange(KEYS.queue, 0, -1) == [messages["EVLOST"],
+                                                           messages["EVWAIT"]]
+    finally:
+        redis_client.hdel(KOMBU_UNACKED, held)
+
+
+def test_a_held_reference_released_as_a_probe_is_queued_as_its_message(
+        redis_client: redis.Redis) -> None:
+    now = 1_700_000_000_000
+    held = member("EVPROBE", "down", 4)
+    redis_client.zadd(KEYS.held("down"), {held: now - 10_000})
+    redis_client.zadd(KEYS.breakers, {"down": now - 1})
+    Scheduler(redis_client, KEYS).move_due(now)
+    (queued,) = redis_client.lrange(KEYS.queue, 0, -1)
+    args = read_deliver_message(queued)
+    assert (args.event_id, args.subscribers, args.attempt) == ("EVPROBE", ["down"], 4)
+    assert redis_client.zrange(KEYS.unclaimed, 0, -1) == [held]

@@ -35,12 +35,12 @@ import aiohttp
 import msgspec
 from redis.exceptions import RedisError
 
-from relay import clock, tracing
+from relay import clock, loops, tracing
 from relay.config import Config, Subscriber
 from relay.connections import async_client
 from relay.keys import Keys
 from relay.models import Attempt, StoredEvent
-from relay.queue import deliver_message, read_deliver_message
+from relay.queue import deliver_message, member, read_member
 from relay.routing import Router
 from workers import http
 from workers.alerts import Alerts
@@ -93,9 +93,13 @@ class _Plan:
 
     def __init__(self) -> None:
         self.redis = LeasePlan(held=defaultdict(dict), moves=defaultdict(list),
-                               parked=defaultdict(dict), pending=defaultdict(dict))
-        #: (event, subscriber, attempt, lease, trigger)
-        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None]] = []
+                               parked=defaultdict(dict), pending=defaultdict(dict),
+                               unpending=defaultdict(list))
+        #: (event, subscriber, attempt, lease, trigger, ordered: may be queued under the
+        #: subscriber for ordered delivery, fresh: a fan-out's first attempt with no note in
+        #: pending:{sub})
+        self.launch: list[tuple[StoredEvent, Subscriber, int, bytes, str | None, bool,
+                                bool]] = []
         #: (event id, subscriber, reason, event, the pulled member it was, if it was one)
         self.dead: list[tuple[str, Subscriber | str, str, StoredEvent | None,
                               bytes | None]] = []
@@ -109,7 +113,7 @@ class Engine:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.keys = Keys.of(config)
-        self._loop = asyncio.new_event_loop()
+        self._loop = loops.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="relay-delivery",
                                         daemon=True)
         self._thread.start()
@@ -118,6 +122,18 @@ class Engine:
         self._pending: set[concurrent.futures.Future[int]] = set()
         self._pending_lock = threading.Lock()
         self._full_since: float | None = None
+        #: Attempts of the tasks handed to the loop and not yet planned (see _wait_for_room).
+        self._reserved = 0.0
+        #: Per subscriber, the fresh attempts this process holds (lease -> received ms): the
+        #: pending deliveries with no note in pending:{sub} (see _plan_event), whose count
+        #: and oldest the tally writes every second.
+        self._fresh: defaultdict[str, dict[bytes, int]] = defaultdict(dict)
+        #: Tasks waiting for room (thread id -> the level of held + reserved they need), and
+        #: the event that wakes them.
+        self._room_wanted: dict[int, float] = {}
+        self._room = threading.Event()
+        #: Attempts per event of a fan-out task, as planned lately (a moving average).
+        self._per_event = float(max(1, len(config.subscribers)))
         #: Event records in memory, one per (id, received_at) while any attempt holds it.
         self._live: weakref.WeakValueDictionary[tuple[str, float], StoredEvent] = (
             weakref.WeakValueDictionary())
@@ -133,6 +149,7 @@ class Engine:
         with contextlib.suppress(RedisError, OSError):  # measured again with every note
             await clock.CLOCK.ameasure(self._redis)
         self.ledger = Ledger(self._redis, self.keys, self.config.redis.retention)
+        self.ledger.tally.in_flight = self._in_flight
         self.leases = LeaseKeeper(self.ledger, self.config.worker.lease_grace)
         self.gate = Gate(self.ledger, self.keys, self.config.worker.lease_grace)
         self.alerts = Alerts(self.ledger, self.keys, self.config.alerts)
@@ -144,7 +161,14 @@ class Engine:
         self._background = [asyncio.create_task(self.leases.run()),
                             asyncio.create_task(self.alerts.run(self._session)),
                             asyncio.create_task(self._note_known()),
-                            asyncio.create_task(self._puller())]
+                            asyncio.create_task(self._puller()),
+                            asyncio.create_task(self.ledger.run_tally())]
+
+    def _in_flight(self) -> dict[str, tuple[int, int]]:
+        """Per subscriber, how many fresh attempts this process holds and the oldest one's
+        received ms (pending deliveries with no note in pending:{sub})."""
+        return {name: (len(held), min(held.values())) for name, held in self._fresh.items()
+                if held}
 
     def _apply(self, config: Config) -> None:
         """Take a (re)loaded config: new, changed and removed subscribers apply to new work;
@@ -172,21 +196,30 @@ class Engine:
         (workers/scheduler.py). Only when MAX_PENDING_STARTS are in progress does the task
         wait, so a worker whose loop cannot keep up leaves the backlog in the Redis queue.
         """
-        self._wait_for_room()
+        events = 1 if isinstance(event_ids, str) else len(event_ids)
+        expected = events * (len(subscribers) if subscribers is not None else self._per_event)
+        self._wait_for_room(expected)
         future = asyncio.run_coroutine_threadsafe(
             self._start_until_done(event_ids, subscribers, attempt, batch, trigger),
             self._loop)
         with self._pending_lock:
             self._pending.add(future)
-        future.add_done_callback(self._started)
+            self._reserved += expected
+        future.add_done_callback(functools.partial(self._started, expected))
         while len(self._pending) > MAX_PENDING_STARTS:
             concurrent.futures.wait(list(self._pending), timeout=1.0,
                                     return_when=concurrent.futures.FIRST_COMPLETED)
 
-    def _wait_for_room(self) -> None:
-        """While every lane is full, let the backlog wait in the Redis queue (where any worker
-        can take it) rather than park it attempt by attempt; but only for a bounded time in
-        all. Celery has prefetched messages behind this one, unacknowledged until their tasks
+    def _wait_for_room(self, expected: float) -> None:
+        """While the lanes have no room for this task's attempts (``expected`` of them), let
+        the backlog wait in the Redis queue (where any worker can take it) rather than park it
+        attempt by attempt; but only for a bounded time in all. Room counts the attempts of
+        tasks handed to the loop and not yet planned (``_reserved``): without them a burst of
+        tasks, each started before the one ahead had filled the lanes, parked most of what it
+        carried (at fan-out 10 half the deliveries of a saturated run, each costing a park,
+        a pull and a second load).
+
+        Celery has prefetched messages behind this one, unacknowledged until their tasks
         return: held past ``worker.visibility_timeout``, kombu's restore (run by whichever
         worker polls) queues them again, re-serialised, so neither the worker holding them nor
         the scheduler's unclaimed check recognises them, and they run twice. So the process
@@ -194,19 +227,46 @@ class Engine:
         however many tasks arrive meanwhile; past that, tasks park their overflow at once. One
         subscriber alone never gets here: it holds at most its share of max_in_flight."""
         most = self.config.worker.max_in_flight
-        if self.lanes.held() < most:
+
+        def full() -> bool:
+            # A task of more than half the process's share starts once half is free (the
+            # rest of it parks): waiting for all of it would idle the lanes meanwhile.
+            busy = self.lanes.held() + self._reserved
+            return busy > 0 and busy + min(expected, most // 2) > most
+
+        if not full():
             self._full_since = None
             return
         now = time.monotonic()
         if self._full_since is None:
             self._full_since = now
         deadline = self._full_since + self.config.worker.visibility_timeout / FULL_WAIT_SHARE
-        while self.lanes.held() >= most and time.monotonic() < deadline:
-            time.sleep(0.005)
+        # Woken by the loop when a post ends with room enough (``_room_made``), not by
+        # polling: a thread waking every few milliseconds took the GIL from the loop each time.
+        me = threading.get_ident()
+        self._room_wanted[me] = most - min(expected, most // 2)
+        try:
+            while True:
+                self._room.clear()
+                left = deadline - time.monotonic()
+                if not full() or left <= 0:
+                    return
+                self._room.wait(min(left, 0.1))
+        finally:
+            del self._room_wanted[me]
 
-    def _started(self, future: concurrent.futures.Future[int]) -> None:
+    def _room_made(self) -> None:
+        """On the loop, when held attempts end or a plan is written: wake a task waiting in
+        ``_wait_for_room`` if there is room enough for it now."""
+        if self._room_wanted and (self.lanes.held() + self._reserved
+                                  <= max(self._room_wanted.values(), default=0)):
+            self._room.set()
+
+    def _started(self, expected: float, future: concurrent.futures.Future[int]) -> None:
         with self._pending_lock:
             self._pending.discard(future)
+            self._reserved -= expected
+        self._room_made()
 
     async def _start_until_done(self, event_ids: str | list[str], names: list[str] | None,
                                 attempt: int, batch: str | None, trigger: str | None = None
@@ -237,7 +297,7 @@ class Engine:
         plan = _Plan()
         plan.dead = [(event_id, self.subscribers.get(name, name), reason, None, None)
                      for event_id in ids for name in names or [ANY]]
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
+        taken = self._taken(event_ids, names, attempt, batch, trigger)
         # The letters, then the note: if Redis never takes the letters, the note stays and
         # the message is queued again (and fails the same way, and is dead-lettered then).
         await self._persist(lambda: self._commit(plan, taken))
@@ -268,6 +328,8 @@ class Engine:
     async def _close(self) -> None:
         for task in self._background:
             task.cancel()
+        # The statistics of the last second (workers/tally.py); outcomes are written already.
+        await self.ledger.final_tally()
         await self._session.close()
         await self._redis.aclose()
 
@@ -277,7 +339,7 @@ class Engine:
                      batch: str | None, trigger: str | None = None) -> int:
         # This task's own message: noted in ``unclaimed`` when queued, dropped from it here
         # (with the leases below) so it is not queued again (see workers/scheduler.py).
-        taken = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
+        taken = self._taken(event_ids, names, attempt, batch, trigger)
         ids = [event_ids] if isinstance(event_ids, str) else list(dict.fromkeys(event_ids))
         loaded = await self._load(ids, batch is not None)
         unknown = await self._known_elsewhere(names)
@@ -294,7 +356,23 @@ class Engine:
                     plan.dead.append((event_id, self.subscribers.get(name, name), reason,
                                       item.event, None))
         await self._commit(plan, taken)
+        if names is None and ids:
+            attempts = len(plan.launch) + sum(len(m) for m in plan.redis.parked.values()) \
+                + sum(len(m) for m in plan.redis.held.values())
+            self._per_event = 0.8 * self._per_event + 0.2 * attempts / len(ids)
         return len(plan.launch)
+
+    def _taken(self, event_ids: str | list[str], names: list[str] | None, attempt: int,
+               batch: str | None, trigger: str | None) -> tuple[bytes, ...]:
+        """What may note this task's message in ``unclaimed``: the message itself (queued by
+        the ingress, a resend, a replay, or as a full message by the scheduler), and for a
+        task of one (event, subscriber) the short reference the scheduler notes when it
+        queues a member (relay/queue.py ``member``)."""
+        message = deliver_message(self.keys.queue, event_ids, names, attempt, batch, trigger)
+        if isinstance(event_ids, str) and names is not None and len(names) == 1 \
+                and batch is None:
+            return (message, member(event_ids, names[0], attempt, trigger))
+        return (message,)
 
     async def _load(self, ids: list[str], with_seen: bool = False) -> list[Loaded]:
         """``ledger.load``, each record replaced by the copy already in memory, if any.
@@ -314,7 +392,7 @@ class Engine:
                     loaded[i] = msgspec.structs.replace(item, event=live)
         return loaded
 
-    async def _commit(self, plan: _Plan, taken: bytes | None) -> None:
+    async def _commit(self, plan: _Plan, taken: tuple[bytes, ...]) -> None:
         """Write the plan, then launch what it says. Dead letters first: the task's note in
         ``unclaimed`` (removed by the lease script) must outlive them, or a SIGKILL or a Redis
         outage between the two would forget a delivery that no dead letter records. A failed
@@ -340,13 +418,16 @@ class Engine:
                 # Its posts ended while the plan was written: no post is left whose end would
                 # pull the parked attempts, so pull now rather than at the next poll (1 s).
                 self._background_pull(name)
-        for event, sub, attempt, lease, trigger in plan.launch:
+        for launch in plan.launch:
+            event, sub, lease = launch[0], launch[1], launch[3]
             self.leases.track(lease, plan.leases[lease], sub)
+            if launch[6]:
+                self._fresh[sub.name][lease] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
             if lane.open < lane.width:
-                self._open(lane, event, sub, attempt, lease, trigger)
+                self._open(lane, *launch)
             else:
-                lane.waiting.append((event, sub, attempt, lease, trigger))
+                lane.waiting.append(launch)
 
     def _plan_event(self, plan: _Plan, event_id: str, item: Loaded, names: list[str] | None,
                     attempt: int, batch: str | None, unknown: dict[str, bool], now: int,
@@ -380,20 +461,25 @@ class Engine:
             missing = [n for n in named if n not in self.subscribers and n not in item.done]
         for name in missing:
             if unknown.get(name):  # another live worker knows it: leave it to them
-                message = deliver_message(self.keys.queue, event_id, [name], attempt,
-                                          trigger=trigger)
-                plan.leases[message] = now + PARK_UNKNOWN_MS
+                plan.leases[member(event_id, name, attempt, trigger)] = now + PARK_UNKNOWN_MS
             else:
                 plan.dead.append((event_id, name, "subscriber removed", event, lease))
+        received = int(event.received_at * 1000)
         for sub in targets:
             if sub.name in item.done:
                 if lease is not None:
                     plan.redis.drops.append(lease)  # delivered meanwhile: no lease needed
+                # A message for a delivery made already (a task run again, a lease that fell
+                # due after the outcome): a pending note left of it goes too.
+                plan.redis.unpending[sub.name].append(event_id)
                 continue
-            plan.redis.pending[sub.name][event_id] = int(event.received_at * 1000)
             lane = self.lanes[sub.name]
-            own = deliver_message(self.keys.queue, event_id, [sub.name], attempt,
-                                  trigger=trigger)
+            own = member(event_id, sub.name, attempt, trigger)
+            # The first attempt of a fan-out, launched here and now, is pending in this
+            # process's hands: counted by its in-flight figures (workers/tally.py) rather
+            # than noted in pending:{sub} (a ZADD and a ZREM per delivery). Every other
+            # pending attempt has its note: held, parked, retried, resent, pulled, ordered.
+            fresh = names is None and lease is None and sub.name not in item.marks
             if attempt > sub.max_attempts:
                 # Only a lease for an attempt past the last gets here: the worker that made
                 # the last attempt died before it could record the outcome.
@@ -402,6 +488,7 @@ class Engine:
             elif self.gate.cached_hold(sub):
                 # Paused, disabled or its breaker open: held, not posted, not counted. (If a
                 # resume came after the cached verdict, the script puts it due now instead.)
+                plan.redis.pending[sub.name][event_id] = received
                 if lease is None:
                     plan.redis.held[sub.name][own] = now
                 else:  # a pulled member is its own lease in the schedule: moved, not copied
@@ -412,12 +499,18 @@ class Engine:
                 # which lanes of this subscriber in any worker pull as they have room. Not in
                 # memory, not a Celery message, not counted as an attempt: one subscriber's
                 # slowness costs nobody else anything.
+                plan.redis.pending[sub.name][event_id] = received
                 plan.redis.parked[sub.name][own] = now
             else:
-                own_lease = lease or deliver_message(self.keys.queue, event_id, [sub.name],
-                                                     attempt + 1)
+                if not fresh:
+                    plan.redis.pending[sub.name][event_id] = received
+                own_lease = lease or member(event_id, sub.name, attempt + 1)
                 plan.leases[own_lease] = now + self.leases.lease_ms(sub)
-                plan.launch.append((event, sub, attempt, own_lease, trigger))
+                # Queued under this subscriber's ordering only if it has ordering (here) or
+                # the delivery record marks it so (the ingress had it on): else its success
+                # has no next event to release, and the outcome script skips looking.
+                ordered = sub.ordering is not None or sub.name in item.marks
+                plan.launch.append((event, sub, attempt, own_lease, trigger, ordered, fresh))
                 lane.held += 1
 
     def _fan_out(self, event: StoredEvent, item: Loaded) -> tuple[list[Subscriber], list[str]]:
@@ -470,8 +563,7 @@ class Engine:
     async def _launch_ready(self, sub: Subscriber, ids: list[str]) -> None:
         """Claim released ordered events (each becomes its own lease: its first attempt) and
         launch them; another process may have claimed some first."""
-        members = {event_id: deliver_message(self.keys.queue, event_id, [sub.name], 1)
-                   for event_id in ids}
+        members = {event_id: member(event_id, sub.name, 1) for event_id in ids}
         claimed, loaded = await self.ledger.claim_ready(
             sub.name, members, now_ms() + self.leases.lease_ms(sub))
         if claimed:
@@ -482,21 +574,21 @@ class Engine:
 
     async def _launch_pulled(self, sub: Subscriber, members: list[bytes],
                              loaded: list[Loaded] | None = None) -> None:
-        taken = [(m, read_deliver_message(m)) for m in members]
+        taken = [(m, read_member(m)) for m in members]
         ids = [str(args.event_id) for _, args in taken]
         loaded = self._shared(loaded) if loaded is not None else await self._load(ids)
         plan, now = _Plan(), now_ms()
-        for (member, args), item, event_id in zip(taken, loaded, ids, strict=True):
+        for (pulled, args), item, event_id in zip(taken, loaded, ids, strict=True):
             try:
                 self._plan_event(plan, event_id, item, [sub.name], args.attempt, None, {}, now,
-                                 lease=member, trigger=args.trigger)
+                                 lease=pulled, trigger=args.trigger)
             except Exception as exc:
                 plan.dead.append((event_id, sub, f"cannot be processed: {exc}"[:300],
-                                  item.event, member))
+                                  item.event, pulled))
         # Every member is accounted for in the one script: launched (its lease re-scored),
         # held (moved), dropped (delivered meanwhile) or dead-lettered (removed with the
         # letter). Should the write fail, each stays in the schedule as its own lease.
-        await self._commit(plan, None)
+        await self._commit(plan, ())
 
     async def _puller(self) -> None:
         """Pull parked attempts into lanes with room: at once when a post ends (``_finished``)
@@ -558,17 +650,22 @@ class Engine:
             log.warning("could not pull parked attempts", extra={"error": repr(task.exception())})
 
     def _open(self, lane: Lane, event: StoredEvent, sub: Subscriber, attempt: int,
-              lease: bytes, trigger: str | None = None) -> None:
+              lease: bytes, trigger: str | None = None, ordered: bool = True,
+              fresh: bool = False) -> None:
         lane.open += 1
-        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger))
+        task = asyncio.create_task(self._deliver(event, sub, attempt, lease, trigger, ordered,
+                                                 fresh))
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._finished, lane, lease))
 
     def _finished(self, lane: Lane, lease: bytes, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self.leases.forget(lease)
+        self._fresh[lane.name].pop(lease, None)
         lane.held -= 1
         lane.open -= 1
+        if self._room_wanted:
+            self._room_made()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         if lane.waiting and lane.open < lane.width:
@@ -582,14 +679,16 @@ class Engine:
     # -- one attempt ------------------------------------------------------------------------
 
     async def _deliver(self, event: StoredEvent, sub: Subscriber, attempt: int,
-                       lease: bytes, trigger: str | None = None) -> None:
+                       lease: bytes, trigger: str | None = None, ordered: bool = True,
+                       fresh: bool = False) -> None:
         verdict = GO if self.gate.fast(sub) else await self.gate.admit(sub)
         if verdict.hold:
             # Paused, disabled, breaker open, or a probe already out: held (not an attempt).
             self.leases.forget(lease)
-            member = deliver_message(self.keys.queue, event.event_id, [sub.name], attempt,
-                                     trigger=trigger)
-            await self._persist(lambda: self.ledger.hold(sub.name, lease, member))
+            held = member(event.event_id, sub.name, attempt, trigger)
+            received = int(event.received_at * 1000)
+            await self._persist(lambda: self.ledger.hold(sub.name, lease, held, event.event_id,
+                                                         received))
             return
         headers = http.signed_headers(sub.signature, sub.secret, sub.headers, event.event_id,
                                       event.body)
@@ -616,15 +715,21 @@ class Engine:
                          verdict.probe, made_by,
                          http.sent_request(sub, headers),
                          http.answer(sub, outcome, keep_body=not outcome.ok))
-        context = {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
-                   "status": outcome.status, "error": outcome.error,
-                   "latency_ms": outcome.latency_ms}
         if outcome.ok:
             recorded = await self._persist(
-                lambda: self.ledger.succeeded(event.event_id, sub, lease, record))
+                lambda: self.ledger.succeeded(event.event_id, sub, lease, record, ordered,
+                                              noted=not fresh))
             if log.isEnabledFor(logging.INFO):
-                log.info("delivered", extra=context)
-        elif final:
+                log.info("delivered", extra=self._context(event, sub, attempt, outcome))
+            if recorded is not None and (recorded.released or recorded.transitions):
+                self.gate.learn(sub, True, recorded.transitions)
+                await self._recorded(recorded, sub.name,
+                                     f"{event.event_id}: {record.describe()}")
+            else:  # the common case: nothing but the outcome changed
+                self.gate.learn(sub, True, [])
+            return
+        context = self._context(event, sub, attempt, outcome)
+        if final:
             reason = ("410 Gone" if outcome.gone
                       else f"{attempt} attempt{'s' if attempt != 1 else ''} failed")
             recorded = await self._persist(
@@ -636,13 +741,22 @@ class Engine:
             due = now_ms() + int(delay * 1000)
             # A failed probe does not use up an attempt: the same attempt waits for the next.
             n = attempt if verdict.probe else attempt + 1
-            nxt = deliver_message(self.keys.queue, event.event_id, [sub.name], n)
+            nxt = member(event.event_id, sub.name, n)
             recorded = await self._persist(
-                lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due))
+                lambda: self.ledger.retry_at(event.event_id, sub, lease, record, nxt, due,
+                                             int(event.received_at * 1000)))
             log.info("retry scheduled", extra={**context, "retry_in_s": round(delay, 3),
                                                "probe": verdict.probe})
         self.gate.learn(sub, outcome.ok, recorded.transitions if recorded else [])
         await self._recorded(recorded, sub.name, f"{event.event_id}: {record.describe()}")
+
+    @staticmethod
+    def _context(event: StoredEvent, sub: Subscriber, attempt: int,
+                 outcome: http.Outcome) -> dict[str, Any]:
+        """What a log line about an attempt names."""
+        return {"eventId": event.event_id, "subscriber": sub.name, "attempt": attempt,
+                "status": outcome.status, "error": outcome.error,
+                "latency_ms": outcome.latency_ms}
 
     def _said_dead(self, event_id: str, sub: Subscriber | str, reason: str) -> None:
         log.warning("dead-lettered", extra={"eventId": event_id,

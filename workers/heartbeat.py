@@ -31,7 +31,7 @@ from relay import clock, ordering
 from relay.connections import text
 from relay.health import RELEASE_HELD_FN
 from relay.keys import Keys
-from relay.queue import deliver_message, read_deliver_message
+from relay.queue import member, read_member
 
 log = logging.getLogger("relay.worker")
 
@@ -119,13 +119,13 @@ class Heartbeat:
             released += self._ready_to_schedule(name, now)
             for waiting in (self._keys.held(name), self._keys.parked(name)):
                 released += int(self._release(keys=[waiting, self._keys.schedule], args=[now]))
-        for member, _ in self._client.zscan_iter(self._keys.schedule):
+        for entry, _ in self._client.zscan_iter(self._keys.schedule):
             try:
-                names = read_deliver_message(member).subscribers
+                names = read_member(entry).subscribers
             except Exception:  # not a relay message: not ours to judge
                 continue
             if names and set(names) <= gone:
-                self._client.zadd(self._keys.schedule, {member: now}, xx=True)
+                self._client.zadd(self._keys.schedule, {entry: now}, xx=True)
                 released += 1
         self._client.hdel(self._keys.known, *removed)
         log.warning("subscribers removed from every worker's config: their pending attempts "
@@ -139,7 +139,7 @@ class Heartbeat:
         moved = 0
         ready = self._keys.order_ready(name)
         while ids := [text(i) for i in self._client.zrange(ready, 0, 499)]:
-            members = [deliver_message(self._keys.queue, i, [name], 1) for i in ids]
+            members = [member(i, name, 1) for i in ids]
             moved += int(self._move_ready(args=[ready, self._keys.schedule, now,
                                                 *[x for pair in zip(ids, members, strict=True)
                                                   for x in pair]]))

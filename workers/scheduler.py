@@ -7,7 +7,9 @@ This is how delayed retries stay out of workers' memory: Celery's own ETA/countd
 Redis broker parks tasks unacknowledged in a worker and re-delivers them after the
 visibility timeout (Celery docs, "Using Redis: Caveats").
 
-A moved member is also noted in ``unclaimed`` until a worker's task takes it (the engine
+Members are short references (relay/queue.py ``member``; a full Celery message written
+before those moves as it is): the script builds the message a reference stands for as it
+queues it. A moved member is also noted in ``unclaimed`` until a worker's task takes it (the engine
 removes it with the leases it writes): kombu pops a message and only then records it as
 unacknowledged, so a worker killed between the two would lose it. The same script queues
 again any member left unclaimed past ``redeliver_after`` that is neither still in the queue
@@ -25,20 +27,25 @@ from redis.exceptions import RedisError
 from relay import clock
 from relay.keys import Keys
 from relay.ordering import FUNCTIONS
+from relay.queue import MESSAGE_FN, message_spec
 
 log = logging.getLogger("relay.scheduler")
 
-MOVE_DUE = FUNCTIONS + """
+MOVE_DUE = FUNCTIONS + MESSAGE_FN + """
 -- KEYS: 1 schedule, 2 queue, 3 unclaimed, 4 kombu unacked, 5 breakers, 6 stats of this minute,
 --       7 the time the queue last became non-empty
 -- ARGV: 1 now ms, 2 batch, 3 redeliver-at ms, 4 searchable queue length, 5 key prefix,
---       6 redeliver after ms, 7 probe retry ms, 8 stats ttl s, 9 retention s
+--       6 redeliver after ms, 7 probe retry ms, 8 stats ttl s, 9 retention s,
+--       10-13 the deliver task's message spec (relay/queue.py message_spec)
 local now = tonumber(ARGV[1])
+local spec = {ARGV[10], ARGV[11], ARGV[12], ARGV[13]}
+-- A member is a short reference (relay/queue.py) or, written before those, a message: the
+-- queue gets the message, ``unclaimed`` the member (the worker removes both forms).
 local due = redis.call('ZRANGE', KEYS[1], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(due) do
   redis.call('ZREM', KEYS[1], member)
   redis.call('ZADD', KEYS[3], ARGV[3], member)
-  redis.call('LPUSH', KEYS[2], member)
+  redis.call('LPUSH', KEYS[2], (message_of(spec, member)))
 end
 local overdue = redis.call('ZRANGE', KEYS[3], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, ARGV[2])
 local lost = 0
@@ -50,12 +57,15 @@ for _, member in ipairs(overdue) do
   redis.call('ZADD', KEYS[3], ARGV[3], member)
   -- Not lost if it still waits in the queue (the oldest are at the tail: search from there),
   -- or if kombu recorded it as unacknowledged (kombu's own restore hands that out again).
-  if searchable and not redis.call('LPOS', KEYS[2], member, 'RANK', -1) then
-    local ok, message = pcall(cjson.decode, member)
-    local tag = ok and type(message) == 'table' and type(message.properties) == 'table'
-      and message.properties.delivery_tag
+  local queued, tag = message_of(spec, member)
+  if searchable and not redis.call('LPOS', KEYS[2], queued, 'RANK', -1) then
+    if not tag then  -- a message noted as it is: its tag is in it
+      local ok, message = pcall(cjson.decode, member)
+      tag = ok and type(message) == 'table' and type(message.properties) == 'table'
+        and message.properties.delivery_tag
+    end
     if not (tag and redis.call('HEXISTS', KEYS[4], tag) == 1) then
-      redis.call('LPUSH', KEYS[2], member)
+      redis.call('LPUSH', KEYS[2], queued)
       lost = lost + 1
     end
   end
@@ -66,7 +76,7 @@ local probes = 0
 for _, sub in ipairs(redis.call('ZRANGE', KEYS[5], '-inf', ARGV[1], 'BYSCORE', 'LIMIT', 0, 20)) do
   local held = redis.call('ZPOPMIN', ARGV[5] .. 'held:' .. sub)
   if held[1] then
-    redis.call('LPUSH', KEYS[2], held[1])
+    redis.call('LPUSH', KEYS[2], (message_of(spec, held[1])))
     redis.call('ZADD', KEYS[3], ARGV[3], held[1])
     redis.call('ZADD', KEYS[5], now + tonumber(ARGV[7]), sub)
     probes = probes + 1
@@ -130,6 +140,7 @@ class Scheduler:
         self._retention = max(1, int(retention))
         self._batch = batch
         self._move = client.register_script(MOVE_DUE)
+        self._spec = message_spec(keys.queue)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -146,7 +157,8 @@ class Scheduler:
             keys=[k.schedule, k.queue, k.unclaimed, KOMBU_UNACKED, k.breakers,
                   k.stats(now // 60_000), k.backlog_since],
             args=[now, self._batch, now + self._redeliver_ms, SEARCHABLE_QUEUE, k.prefix,
-                  self._redeliver_ms, PROBE_RETRY_MS, self._stats_ttl, self._retention])
+                  self._redeliver_ms, PROBE_RETRY_MS, self._stats_ttl, self._retention,
+                  *self._spec])
         if unblocked:
             log.warning("ordered keys unblocked: their dead letters expired",
                         extra={"count": int(unblocked)})

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 
-from relay import clock, health
+from relay import clock, health, loops
 from relay.admin.metrics import Snapshot, render
 from relay.config import Config
 from relay.connections import async_client
@@ -428,4 +428,4 @@ def run_admin(config: Config, host: str | None = None, port: int | None = None) 
     reloader = Reloader(config, app[ADMIN].apply, "admin", admin_bound=bind_host)
     log.info("admin listening", extra={"url": f"http://{bind_host}:{bind_port}/",
                                        "token": bool(config.admin.token)})
-    asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload))
+    loops.run(serve(app, bind_host, bind_port, on_reload=reloader.reload))

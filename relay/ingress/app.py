@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import clock, tracing
+from relay import clock, loops, tracing
 from relay.config import Config
 from relay.connections import async_client
 from relay.errors import EnvelopeError, SignatureError
@@ -277,9 +277,10 @@ def run_ingress(config: Config, host: str | None = None, port: int | None = None
     app = create_app(config)
     reloader = Reloader(config, app[HANDLER].apply, "ingress")
     log.info("ingress listening", extra={"host": bind_host, "port": bind_port,
-                                         "subscribers": [s.name for s in config.subscribers]})
+                                         "subscribers": [s.name for s in config.subscribers],
+                                         "loop": loops.name()})
     try:
-        asyncio.run(serve(app, bind_host, bind_port, on_reload=reloader.reload,
+        loops.run(serve(app, bind_host, bind_port, on_reload=reloader.reload,
                           lingering_time=LINGERING_SECONDS))
     finally:
         tracing.shutdown()

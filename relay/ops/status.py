@@ -12,14 +12,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, RedisError
 
-from relay import clock, ordering
+from relay import clock
 from relay.config import Config, Subscriber
 from relay.connections import text
 from relay.counters import LATENCY_BUCKETS_MS, quantile
-from relay.deadletters import DeadLetters
 from relay.health import field_ms, public_state
 from relay.keys import Keys
 from relay.masking import mask_url
+from relay.ops import ordered
+from relay.ops.deadletters import DeadLetters
 from relay.timefmt import iso_ms
 
 #: Unhealthy first: the order of the subscribers table.
@@ -64,14 +65,14 @@ class Status:
                 pipe.zcard(self._k.pending(name))
                 pipe.zrange(self._k.pending(name), 0, 0, withscores=True)
             raw = await pipe.execute()
-        ordered = await ordering.counts(self._r, self._k, names)
+        waits = await ordered.counts(self._r, self._k, names)
         rows = []
         for i, name in enumerate(names):
             health, _, pending, oldest = raw[4 * i: 4 * i + 4]
             row = self._row(name, self._config.subscriber(name), health, hour,
                             dead.get(name, 0), int(pending), oldest, now)
             sub = self._config.subscriber(name)
-            waiting, blocked = ordered[name]
+            waiting, blocked = waits[name]
             row["ordering"] = ({"by": sub.ordering.by, "onDead": sub.ordering.on_dead,
                                 "waiting": waiting, "blockedKeys": blocked}
                                if sub is not None and sub.ordering is not None else None)
@@ -95,7 +96,7 @@ class Status:
                 return "paused"
             return "open" if state in ("open", "half-open") else "retrying"
 
-        rows = await ordering.holding(self._r, self._k, name, limit, head_state, only)
+        rows = await ordered.holding(self._r, self._k, name, limit, head_state, only)
         for row in rows:
             row["since"] = iso_ms(row["since"] * 1000)
         return rows

@@ -100,7 +100,7 @@ def hub_keys(config: Path) -> Any:
 
 def relay_proc(name: str, config: Path, command: str, log_dir: Path,
                env: dict[str, str] | None = None) -> Proc:
-    return Proc(name, python_cmd("-m", "relay.cli", "--log-level", "WARNING", "--config",
+    return Proc(name, python_cmd("-m", "relay.ops.cli", "--log-level", "WARNING", "--config",
                                  str(config), command), log_dir, env=env)
 
 

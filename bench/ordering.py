@@ -228,5 +228,5 @@ class Ordering:
 
         from bench.procs import ROOT, python_cmd
 
-        subprocess.run(python_cmd("-m", "relay.cli", "--config", str(config), *args), cwd=ROOT,
+        subprocess.run(python_cmd("-m", "relay.ops.cli", "--config", str(config), *args), cwd=ROOT,
                        check=True, capture_output=True, timeout=60)

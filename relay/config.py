@@ -285,7 +285,7 @@ def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = N
     config = parse_config(text, source, os.environ if environ is None else environ)
     override = (os.environ if environ is None else environ).get(REDIS_URL_OVERRIDE)
     if override:
-        # ``relay up`` points its processes at the Redis it started (relay/up.py).
+        # ``relay up`` points its processes at the Redis it started (relay/ops/up.py).
         redis = msgspec.structs.replace(config.redis, url=override, sentinel=None)
         config = msgspec.structs.replace(config, redis=redis)
     return config

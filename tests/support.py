@@ -97,7 +97,7 @@ class RedisServer:
 
 def relay_cmd(*args: str) -> list[str]:
     """The ``relay`` CLI, run with this interpreter (works from any venv)."""
-    return [sys.executable, "-m", "relay.cli", *args]
+    return [sys.executable, "-m", "relay.ops.cli", *args]
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from relay.config import RedisSettings, SentinelSettings, parse_config
 from relay.connections import async_client, celery_broker, describe, sync_client
-from relay.up import run_up
+from relay.ops.up import run_up
 from tests.support import free_port
 
 

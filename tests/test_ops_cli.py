@@ -21,9 +21,9 @@ import msgspec
 import pytest
 import yaml
 
-from relay.cli import REPLAY_CHUNK
 from relay.config import load_config
 from relay.keys import Keys
+from relay.ops.cli import REPLAY_CHUNK
 from tests.hub import (
     Reply,
     Sink,

@@ -446,7 +446,7 @@ def test_setting_up_exempts_the_sdk_from_full_gc_passes() -> None:
 
 #: ``python -c`` that makes ``import opentelemetry`` fail, then runs the relay CLI.
 WITHOUT_OTEL = ("import sys; sys.modules['opentelemetry'] = None; sys.argv[0] = 'relay'; "
-                "from relay.cli import main; main()")
+                "from relay.ops.cli import main; main()")
 
 
 def test_without_the_opentelemetry_packages_the_hub_delivers_and_says_tracing_is_off(

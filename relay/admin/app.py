@@ -2,7 +2,7 @@
 
 A listener of its own (``admin.host``/``admin.port``), never the public ingress port. It
 reads what the ingress and workers wrote to Redis and changes it only through the same
-scripts the CLI uses (relay/deadletters.py, relay/events.py, relay/health.py); it never
+scripts the CLI uses (relay/ops/deadletters.py, relay/ops/timeline.py, relay/health.py); it never
 imports the worker side.
 """
 
@@ -25,14 +25,14 @@ from relay import clock, health, loops
 from relay.admin.metrics import Snapshot, render
 from relay.config import Config
 from relay.connections import async_client
-from relay.deadletters import DeadLetters, Filters, UnknownSubscriber
-from relay.events import Events, NotFound
 from relay.hosts import HostRule
 from relay.keys import Keys
 from relay.nesting import TooDeep, check_depth
+from relay.ops.deadletters import DeadLetters, Filters, UnknownSubscriber
+from relay.ops.status import Status
+from relay.ops.timeline import Events, NotFound
 from relay.reload import Reloader
 from relay.serve import json_answer, json_errors, serve
-from relay.status import Status
 from relay.timefmt import iso, parse_time
 
 log = logging.getLogger("relay.admin")

@@ -24,10 +24,10 @@ from relay.config import Config
 from relay.connections import async_client
 from relay.errors import EnvelopeError, SignatureError
 from relay.gcfreeze import freeze_startup_objects
+from relay.ingress.metrics import IngressMetrics
 from relay.ingress.ready import ReadinessProbe
 from relay.ingress.store import EventStore, StoreUnavailable
 from relay.keys import Keys
-from relay.metrics import IngressMetrics
 from relay.models import StoredEvent, parse_envelope, peek_event_id
 from relay.nesting import TooDeep, check_depth
 from relay.ordering import Sequencer

@@ -222,7 +222,7 @@ def up(host: str | None, port: int | None, admin_port: int | None, with_sink: bo
     """Run ingress, worker, scheduler and admin together (starts redis-server under ./var/
     if the Redis at REDIS_URL is not reachable or fails the preflight)."""
     config = get_config()
-    from relay.up import run_up
+    from relay.ops.up import run_up
 
     sys.exit(run_up(config, host=host, port=port, admin_port=admin_port, with_sink=with_sink,
                     sink_port=sink_port, log_level=_log_level()))
@@ -237,7 +237,7 @@ def up(host: str | None, port: int | None, admin_port: int | None, with_sink: bo
               help="Signing secret (default: the first of ingress.secrets).")
 def send(file: Path, url: str | None, secret: str | None) -> None:
     """Sign FILE as Ingram Micro would and post it; print the answer."""
-    from relay.sender import send_payload
+    from relay.ops.sender import send_payload
 
     if url is None or secret is None:
         config = get_config()
@@ -262,7 +262,7 @@ def send(file: Path, url: str | None, secret: str | None) -> None:
               help="Secret to verify with (repeatable; default: every subscriber's secret).")
 def sink(host: str, port: int, secrets: tuple[str, ...]) -> None:
     """A demo subscriber: prints each delivery and whether its signature verifies."""
-    from relay.sink import run_sink
+    from relay.ops.sink import run_sink
 
     if not secrets:
         try:
@@ -283,7 +283,7 @@ def _client(config: Config) -> Any:
 
 def _filters(subscriber: str | None, event_id: str | None, since: str | None,
              until: str | None) -> Any:
-    from relay.deadletters import Filters
+    from relay.ops.deadletters import Filters
     from relay.timefmt import parse_time
 
     try:
@@ -317,8 +317,8 @@ def dlq() -> None:
 def dlq_list(subscriber: str | None, event_id: str | None, since: str | None,
              until: str | None, limit: int) -> None:
     """A table: event, subscriber, attempts, last error, when, reason."""
-    from relay.deadletters import DeadLetters
-    from relay.tables import dead_letter_table
+    from relay.ops.deadletters import DeadLetters
+    from relay.ops.tables import dead_letter_table
 
     config = get_config()
     filters = _filters(subscriber, event_id, since, until)
@@ -344,7 +344,7 @@ def dlq_list(subscriber: str | None, event_id: str | None, since: str | None,
 def dlq_replay(subscriber: str | None, event_id: str | None, since: str | None,
                until: str | None, dry_run: bool) -> None:
     """Queue dead letters again with fresh attempts; prints how many."""
-    from relay.deadletters import DeadLetters, UnknownSubscriber
+    from relay.ops.deadletters import DeadLetters, UnknownSubscriber
 
     config = get_config()
     filters = _filters(subscriber, event_id, since, until)
@@ -399,7 +399,7 @@ REPLAY_CHUNK = 100
 def dlq_purge(subscriber: str | None, event_id: str | None, since: str | None,
               until: str | None, dry_run: bool) -> None:
     """Delete dead letters (they also expire with redis.retention)."""
-    from relay.deadletters import DeadLetters
+    from relay.ops.deadletters import DeadLetters
 
     config = get_config()
     filters = _filters(subscriber, event_id, since, until)
@@ -429,8 +429,8 @@ def events_show(event_id: str, as_json: bool) -> None:
     """The timeline of one event: received, then every attempt per subscriber."""
     import msgspec
 
-    from relay.events import Events, NotFound
-    from relay.tables import timeline
+    from relay.ops.tables import timeline
+    from relay.ops.timeline import Events, NotFound
 
     config = get_config()
 
@@ -459,8 +459,8 @@ def events_show(event_id: str, as_json: bool) -> None:
 def events_list(subscriber: str | None, state: str | None, order: str | None,
                 since: str | None, until: str | None, limit: int) -> None:
     """Events, newest first, with each subscriber's delivery state."""
-    from relay.events import Events
-    from relay.tables import event_table
+    from relay.ops.tables import event_table
+    from relay.ops.timeline import Events
     from relay.timefmt import parse_time
 
     config = get_config()
@@ -485,7 +485,7 @@ def events_list(subscriber: str | None, state: str | None, order: str | None,
 @click.option("--subscriber", default=None, help="Only to this subscriber.")
 def events_resend(event_id: str, subscriber: str | None) -> None:
     """Deliver a stored event again, even if it was delivered before."""
-    from relay.events import Events, NotFound
+    from relay.ops.timeline import Events, NotFound
 
     config = get_config()
 
@@ -514,8 +514,8 @@ def orders_show(number: str, as_json: bool) -> None:
     """Every event of one order, oldest first, with each subscriber's state."""
     import msgspec
 
-    from relay.events import Events, NotFound
-    from relay.tables import order_report
+    from relay.ops.tables import order_report
+    from relay.ops.timeline import Events, NotFound
 
     config = get_config()
 
@@ -535,8 +535,8 @@ def orders_show(number: str, as_json: bool) -> None:
 @with_config
 def status() -> None:
     """The hub's health: overview, then one row per subscriber."""
-    from relay.status import Status
-    from relay.tables import status_report
+    from relay.ops.status import Status
+    from relay.ops.tables import status_report
 
     config = get_config()
 

@@ -174,7 +174,7 @@ def run_up(config: Config, host: str | None, port: int | None, with_sink: bool,
                     "pointed at this Redis too", extra={
                         "env": f"{REDIS_URL_OVERRIDE}={env[REDIS_URL_OVERRIDE]}"})
 
-    base = [sys.executable, "-m", "relay.cli", "--log-level", log_level,
+    base = [sys.executable, "-m", "relay.ops.cli", "--log-level", log_level,
             "--config", config.source]
     commands: list[tuple[str, list[str]]] = []
     if with_sink:

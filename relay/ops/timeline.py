@@ -21,10 +21,11 @@ from relay.connections import as_bytes, text
 from relay.health import public_state
 from relay.keys import RECORD_MARK, Keys
 from relay.models import Attempt, DeadLetter, StoredEvent
-from relay.ordering import FUNCTIONS, ORDER_KEY, event_keys, waiting_for
+from relay.ops.ordered import waiting_for
+from relay.ops.status import Status
+from relay.ordering import FUNCTIONS, ORDER_KEY, event_keys
 from relay.queue import deliver_message
 from relay.routing import Router
-from relay.status import Status
 from relay.timefmt import iso
 
 #: Most events one listing examines when filtering by subscriber or state.

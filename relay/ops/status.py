@@ -12,14 +12,15 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ReadOnlyError, RedisError
 
-from relay import clock, ordering
+from relay import clock
 from relay.config import Config, Subscriber
 from relay.connections import text
 from relay.counters import LATENCY_BUCKETS_MS, quantile
-from relay.deadletters import DeadLetters
 from relay.health import field_ms, public_state
 from relay.keys import Keys
 from relay.masking import mask_url
+from relay.ops import ordered
+from relay.ops.deadletters import DeadLetters
 from relay.timefmt import iso_ms
 
 #: Unhealthy first: the order of the subscribers table.
@@ -70,7 +71,7 @@ class Status:
             pipe.hgetall(self._k.inflight)
             raw = await pipe.execute()
         held = await self._in_flight(raw.pop(), now)
-        ordered = await ordering.counts(self._r, self._k, names)
+        waits = await ordered.counts(self._r, self._k, names)
         rows = []
         for i, name in enumerate(names):
             health, _, pending, noted = raw[4 * i: 4 * i + 4]
@@ -80,7 +81,7 @@ class Status:
             row = self._row(name, self._config.subscriber(name), health, hour,
                             dead.get(name, 0), int(pending) + count, oldest, now)
             sub = self._config.subscriber(name)
-            waiting, blocked = ordered[name]
+            waiting, blocked = waits[name]
             row["ordering"] = ({"by": sub.ordering.by, "onDead": sub.ordering.on_dead,
                                 "waiting": waiting, "blockedKeys": blocked}
                                if sub is not None and sub.ordering is not None else None)
@@ -104,7 +105,7 @@ class Status:
                 return "paused"
             return "open" if state in ("open", "half-open") else "retrying"
 
-        rows = await ordering.holding(self._r, self._k, name, limit, head_state, only)
+        rows = await ordered.holding(self._r, self._k, name, limit, head_state, only)
         for row in rows:
             row["since"] = iso_ms(row["since"] * 1000)
         return rows

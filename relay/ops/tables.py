@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from relay.deadletters import Letter
+from relay.ops.deadletters import Letter
 
 
 def table(rows: Sequence[Sequence[str]]) -> str:

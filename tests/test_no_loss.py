@@ -20,7 +20,7 @@ from relay.keys import Keys
 from relay.queue import deliver_message, read_deliver_message
 from tests.hub import Sink, dead_letters, enqueue_event, event_body, write_config
 from tests.support import RedisServer
-from workers import engine as engine_module
+from workers import attempts as attempts_module
 from workers.engine import Engine
 
 
@@ -135,7 +135,7 @@ def test_a_last_resort_dead_letter_is_written_before_the_task_is_forgotten(
     (message,) = redis_client.zrange(keys.unclaimed, 0, -1)
     redis_client.rpop(keys.queue)
     redis_client.delete(keys.event(event_id))  # the record expired
-    monkeypatch.setattr(engine_module, "PERSIST_FOR", 0.3)
+    monkeypatch.setattr(attempts_module, "PERSIST_FOR", 0.3)
     full(redis_client)
     try:
         on_loop(engine, engine._start_until_done(*task_of(message)))

@@ -36,7 +36,7 @@ from relay.queue import member, read_member
 log = logging.getLogger("relay.worker")
 
 INTERVAL = 5.0
-#: Matches workers/engine.py: a name noted within this long is known somewhere.
+#: Matches workers/planning.py: a name noted within this long is known somewhere.
 KNOWN_FRESH_MS = 15_000
 #: Worker entries older than this are pruned from ``workers``.
 FORGET_WORKERS_MS = 3_600_000

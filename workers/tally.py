@@ -92,7 +92,7 @@ class Tally:
 
     ``in_flight`` (set by the engine): per subscriber, how many first attempts of a fan-out
     the process holds and the oldest one's received ms. Those deliveries are pending but have
-    no note in ``pending:{sub}`` (workers/engine.py ``_plan_event``); each flush writes the
+    no note in ``pending:{sub}`` (workers/planning.py ``_plan_event``); each flush writes the
     figures to ``inflight`` (relay/keys.py), where the admin adds them to the pending ones.
     """
 

@@ -105,6 +105,7 @@ class GroupCommit(Batcher[Sequence[Command], list[Any]]):
         super().__init__()
         self._client = client
         self._timeout = timeout
+        self._loading: dict[str, asyncio.Future[list[Any]]] = {}
 
     async def execute(self, commands: Sequence[Command]) -> list[Any]:
         """Run ``commands`` in the next round trip; their results, in order.
@@ -126,10 +127,26 @@ class GroupCommit(Batcher[Sequence[Command], list[Any]]):
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         result, *after = await self.execute([command, *then])
         if isinstance(result, NoScriptError):
-            async with asyncio.timeout(self._timeout):
-                await self._client.script_load(script.text)
+            await self._load(script)
             result, *after = await self.execute([command, *then])
         return (result, after) if then else result
+
+    async def _load(self, script: Script) -> None:
+        """SCRIPT LOAD once for every caller that met NOSCRIPT, inside a round trip.
+
+        After a Redis restart or failover every caller of a batch hears NOSCRIPT at once;
+        each loading on its own connection took one from the pool per caller (hundreds
+        in a worker's burst), past the pool's limit: MaxConnectionsError failed the tasks,
+        whose deliveries then waited for the scheduler's redelivery.
+        """
+        loading = self._loading.get(script.sha)
+        if loading is None:
+            loading = asyncio.ensure_future(self.execute([("SCRIPT", "LOAD", script.text)]))
+            self._loading[script.sha] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(script.sha, None))
+        (loaded,) = await asyncio.shield(loading)
+        if isinstance(loaded, Exception):
+            raise loaded
 
     async def _run(self, items: list[Sequence[Command]]) -> list[list[Any]]:
         async with asyncio.timeout(self._timeout), \

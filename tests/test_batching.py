@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from relay.batching import Batcher
+import redis.asyncio as aioredis
+
+from relay.batching import Batcher, GroupCommit, Script
+from tests.support import RedisServer
 
 
 class Recorder(Batcher[int, int]):
@@ -89,3 +93,30 @@ def test_a_failing_batch_fails_each_of_its_callers_and_the_next_batch_still_runs
     first, later = asyncio.run(scenario())
     assert all(isinstance(r, OSError) for r in first)
     assert later == 30
+
+
+def test_a_burst_meeting_noscript_loads_the_script_once_within_the_pool(
+        redis_server: RedisServer) -> None:
+    """After a Redis restart every caller of a batch hears NOSCRIPT at once; loading the script
+    once per caller on connections of its own exhausted the worker's pool (MaxConnectionsError
+    failed the tasks). Now one SCRIPT LOAD rides a round trip, and every caller gets its result."""
+    script = Script("return tonumber(ARGV[1]) * 2")
+
+    async def burst() -> tuple[list[Any], int]:
+        client = aioredis.Redis.from_url(redis_server.url, max_connections=2)
+        try:
+            await client.script_flush()
+            before = await loads(client)
+            batch = GroupCommit(client)
+            results = await asyncio.gather(*(batch.script(script, [], [n]) for n in range(300)))
+            return list(results), await loads(client) - before
+        finally:
+            await client.aclose()
+
+    async def loads(client: aioredis.Redis) -> int:
+        stats = await client.info("commandstats")
+        return int(stats.get("cmdstat_script|load", {}).get("calls", 0))
+
+    results, loaded = asyncio.run(burst())
+    assert results == [2 * n for n in range(300)]
+    assert loaded == 1

@@ -107,6 +107,9 @@ class RedisServer:
     """A private ``redis-server`` on a free port, AOF on, in a temp dir (never port 6379);
     with ``replica_of``, a replica of the one on that port."""
 
+    #: Extra redis-server arguments for every server of the run (``--no-aof-rewrite``).
+    extra_args: tuple[str, ...] = ()
+
     def __init__(self, appendfsync: str, log_dir: Path, replica_of: int | None = None,
                  name: str = "redis") -> None:
         self.port = free_port()
@@ -118,7 +121,8 @@ class RedisServer:
         self.proc = Proc(name, [
             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--appendonly", "yes", "--appendfsync", appendfsync,
-            "--save", "", "--protected-mode", "no", "--loglevel", "warning", *replication],
+            "--save", "", "--protected-mode", "no", "--loglevel", "warning", *self.extra_args,
+            *replication],
             log_dir)
         import redis
 

@@ -192,7 +192,9 @@ def rows(r: dict[str, Any]) -> list[list[str]]:
             continue
         tt = t[f"p99 ingress-202 -> sink at half load, fan-out {fo} <= 50 ms"]
         out.append([f"latency 202 -> sink, fan-out {fo}, open loop at "
-                    f"{lat['events_per_s']:,.0f} events/s ({lat['deliveries']:,} deliveries)",
+                    f"{lat['events_per_s']:,.0f} events/s ({lat['deliveries']:,} deliveries"
+                    + (f"; Redis rewrote its AOF meanwhile: {lat['redis_forks']} fork(s)"
+                       if lat.get("redis_forks") else "") + ")",
                     f"p50 {_n(lat['p50_ms'], ' ms', 1)}, p99 {_n(lat['p99_ms'], ' ms', 1)}",
                     "", "", tt["target"] + " (p99)", _verdict(tt["pass"])])
     rss = r.get("rss") or {}

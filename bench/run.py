@@ -144,6 +144,25 @@ def matched_latencies(records: list[Any], receipts: list[Any]
     return len(accepted_at), pairs
 
 
+def slow_windows(pairs: list[tuple[float, float]], window: float = 0.1, over_ms: float = 50.0,
+                 top: int = 8) -> list[list[float]]:
+    """Where a latency tail comes from: the ``top`` windows of ``window`` seconds of 202s
+    holding the most deliveries slower than ``over_ms``, as [seconds from the first 202,
+    deliveries over, the window's max ms]. A few windows: stalls (something held a process
+    or Redis); spread thin over the run: queueing."""
+    if not pairs:
+        return []
+    start = pairs[0][0]
+    windows: dict[int, list[float]] = {}
+    for at, ms in pairs:
+        if ms > over_ms:
+            w = windows.setdefault(int((at - start) / window), [0.0, 0.0])
+            w[0] += 1
+            w[1] = max(w[1], ms)
+    worst = sorted(windows.items(), key=lambda kv: -kv[1][0])[:top]
+    return [[round(k * window, 1), n, round(peak, 1)] for k, (n, peak) in sorted(worst)]
+
+
 def redis_calls(client: Any) -> dict[str, tuple[int, int]]:
     """{command: (calls, usec)} so far, from INFO commandstats (commands run inside Lua
     scripts are counted too, under their own names)."""
@@ -529,12 +548,17 @@ class Bench:
                  f"{out['duplicates']} duplicates)")
         return out
 
+    def redis_forks(self) -> int:
+        with contextlib.closing(self.redis.client()) as c:
+            return int(c.info("stats").get("total_forks", 0))
+
     def latency(self, fanout: int, deliveries_per_s: float) -> dict[str, Any]:
         assert self.ingress is not None and self.sinks is not None
         events_per_s = max(1.0, 0.5 * deliveries_per_s / fanout)
         n = max(20, int(events_per_s * self.plan.latency_seconds))
         self.sinks.reset()
         self.sinks.record(True)
+        forks_before = self.redis_forks()
         try:
             r = self.loadgen(f"latency-fo{fanout}", [self.ingress.url], f"lat-fo{fanout}-", n,
                              mode="open", rate=events_per_s, record=True,
@@ -566,6 +590,10 @@ class Bench:
                                           for x in trend],
             "ingress_202_p50_ms": r["latency_ms"]["p50"],
             "ingress_202_p99_ms": r["latency_ms"]["p99"],
+            "slow_windows": slow_windows(pairs),
+            # AOF rewrites Redis forked meanwhile: its child takes a core for a second or
+            # more, a tail's likeliest cause on 2 cores (docs/benchmarks.md).
+            "redis_forks": self.redis_forks() - forks_before,
         }
         if len(lat) < n * fanout:
             self.failures.append(f"latency fan-out {fanout}: {len(lat)} of {n * fanout} "
@@ -1364,6 +1392,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ingress.linger, e.g. 0s or 10ms (default: the config's default)")
     p.add_argument("--max-connections", type=int, default=128, help="worker.max_connections")
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
+    p.add_argument("--no-aof-rewrite", action="store_true",
+                   help="redis-server without automatic AOF rewrites (auto-aof-rewrite-"
+                        "percentage 0): on 2 cores a rewrite's child takes a core for a "
+                        "second or more, the latency tail's usual cause")
     p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of " + ",".join(PHASES) + " (steady: lone "
                         "events at a steady rate; obvious: the obvious design at fan-out 10; "
@@ -1394,6 +1426,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.phases.split(",")) - set(PHASES)
     if unknown:
         p.error(f"unknown phase(s) {', '.join(sorted(unknown))}; choose from {','.join(PHASES)}")
+    if args.no_aof_rewrite:
+        RedisServer.extra_args = ("--auto-aof-rewrite-percentage", "0")
     if args.stress and not 1 <= args.stress_load <= 100:
         p.error("--stress-load must be 1-100")
     if args.stress and args.stress_cpus < 1:

@@ -655,19 +655,20 @@ def block_markdown(r: dict[str, Any], chart: Path | None) -> str:
         table_markdown(r),
         "",
     ]
-    lines += [f"- **{_verdict(t['pass'])}** {t['name']}: {t['value']}"
-              for t in r.get("targets", [])]
+    if not stressed:  # the stressed run's verdicts: its JSON, and the page's targets table
+        lines += [f"- **{_verdict(t['pass'])}** {t['name']}: {t['value']}"
+                  for t in r.get("targets", [])]
     if r.get("failures"):
         lines += ["", "Failed checks: " + "; ".join(r["failures"])]
-    lines.append(cpu_markdown(r))
-    # The stressed block stays short (docs/benchmarks.md keeps both): its steady streams, big
-    # events, tracing and profile are in its JSON.
-    extra = () if stressed else (steady_markdown(r), _steady_profile_markdown(r),
-                                 big_events_markdown(r), tracing_markdown(r))
-    lines += [part for part in (redis_markdown(r), *extra) if part]
-    if stressed and any(r.get(k) for k in ("steady", "bigevents", "tracing", "profile")):
-        lines += ["", "Steady streams, big events, tracing and profiles of this run: in its "
-                      "JSON (`bench/results/`)."]
+    # The stressed block stays short (docs/benchmarks.md keeps both): its CPU and Redis
+    # tables, steady streams, big events, tracing and profile are in its JSON.
+    if stressed:
+        lines += ["CPU and Redis per item, steady streams, big events, tracing and "
+                  "ordering of this run: in its JSON (`bench/results/`)."]
+    else:
+        lines += [part for part in (cpu_markdown(r), redis_markdown(r), steady_markdown(r),
+                                    _steady_profile_markdown(r), big_events_markdown(r),
+                                    tracing_markdown(r)) if part]
     if chart is not None:
         lines += ["", f"![deliveries/s against fan-out]({chart.name})"]
     if not stressed:

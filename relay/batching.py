@@ -162,6 +162,19 @@ class GroupCommit(Batcher[Sequence[Command], list[Any]]):
         return out
 
 
+#: Lua, prepended to scripts whose ARGV is a run of counted sections: ``local take =
+#: argv_from(3)`` makes ``take()`` return ARGV[3], then ARGV[4], ... one per call.
+ARGV_FROM_FN = """
+local function argv_from(i)
+  return function()
+    local v = ARGV[i]
+    i = i + 1
+    return v
+  end
+end
+"""
+
+
 class Script:
     """A Lua script's text and SHA1, for ``GroupCommit.script``."""
 

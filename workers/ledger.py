@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from relay.batching import GroupCommit, Script
+from relay.batching import ARGV_FROM_FN, GroupCommit, Script
 from relay.clock import now, now_ms
 from relay.config import Subscriber
 from relay.connections import text
@@ -103,15 +103,10 @@ return members
 #   taken    n, n x member                             the task's notes in ``unclaimed``
 # The task's note in ``unclaimed`` goes last, with everything it stands for (its message, and
 # the short reference the scheduler notes for a member it queued: relay/queue.py).
-LEASE = Script(HELD_NOW_FN + """
+LEASE = Script(ARGV_FROM_FN + HELD_NOW_FN + """
 local p, now = ARGV[1], ARGV[2]
 local schedule = p .. 'schedule'
-local i = 3
-local function take()
-  local v = ARGV[i]
-  i = i + 1
-  return v
-end
+local take = argv_from(3)
 local n = tonumber(take())
 for _ = 1, n do
   local due, member = take(), take()

@@ -27,7 +27,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from relay.batching import GroupCommit, Script
+from relay.batching import ARGV_FROM_FN, GroupCommit, Script
 from relay.clock import now_ms
 from relay.counters import LATENCY_BUCKETS_MS, latency_bucket
 
@@ -45,14 +45,9 @@ FLUSH_SECONDS = 1.0
 #   then this process's id and the time, and
 #   held     k x (subscriber, count, oldest received ms)     -> inflight {sub}|{process}
 #   ended    k x subscriber                                  <- inflight {sub}|{process}
-FLUSH = Script("""
+FLUSH = Script(ARGV_FROM_FN + """
 local p, ttl = ARGV[1], ARGV[2]
-local i = 3
-local function take()
-  local v = ARGV[i]
-  i = i + 1
-  return v
-end
+local take = argv_from(3)
 for _ = 1, tonumber(take()) do
   local key, k = p .. 'stats:' .. take(), tonumber(take())
   for _ = 1, k do redis.call('HINCRBY', key, take(), take()) end

@@ -427,24 +427,32 @@ def events() -> None:
 @click.option("--json", "as_json", is_flag=True, help="The admin API's JSON instead.")
 def events_show(event_id: str, as_json: bool) -> None:
     """The timeline of one event: received, then every attempt per subscriber."""
+    from relay.ops.tables import timeline
+
+    width = shutil.get_terminal_size().columns
+    _show(lambda events: events.detail(event_id), lambda found: timeline(found, width), as_json)
+
+
+def _show(read: Callable[[Any], Coroutine[Any, Any, dict[str, Any]]],
+          render: Callable[[dict[str, Any]], str], as_json: bool) -> None:
+    """Print what ``read`` finds through the timeline read model (``Events``), as the admin
+    API's JSON or as ``render`` lays it out; exit 1 with its message when it is not found."""
     import msgspec
 
-    from relay.ops.tables import timeline
     from relay.ops.timeline import Events, NotFound
 
     config = get_config()
 
-    async def detail() -> dict[str, Any]:
+    async def find() -> dict[str, Any]:
         async with _client(config) as client:
-            return await Events(client, config).detail(event_id)
+            return await read(Events(client, config))
 
     try:
-        found = run(detail())
+        found = run(find())
     except NotFound as exc:
         fail(str(exc), 1)
-    width = shutil.get_terminal_size().columns
     click.echo(msgspec.json.format(msgspec.json.encode(found)).decode() if as_json
-               else timeline(found, width))
+               else render(found))
 
 
 @events.command("list")
@@ -512,23 +520,9 @@ def orders() -> None:
 @click.option("--json", "as_json", is_flag=True, help="The admin API's JSON instead.")
 def orders_show(number: str, as_json: bool) -> None:
     """Every event of one order, oldest first, with each subscriber's state."""
-    import msgspec
-
     from relay.ops.tables import order_report
-    from relay.ops.timeline import Events, NotFound
 
-    config = get_config()
-
-    async def read() -> dict[str, Any]:
-        async with _client(config) as client:
-            return await Events(client, config).order(number)
-
-    try:
-        found = run(read())
-    except NotFound as exc:
-        fail(str(exc), 1)
-    click.echo(msgspec.json.format(msgspec.json.encode(found)).decode() if as_json
-               else order_report(found))
+    _show(lambda events: events.order(number), order_report, as_json)
 
 
 @main.command()

@@ -131,6 +131,13 @@ class GroupCommit(Batcher[Sequence[Command], list[Any]]):
             result, *after = await self.execute([command, *then])
         return (result, after) if then else result
 
+    async def call(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        """``script``'s result, raising the error it raised: for callers with no use for it."""
+        result = await self.script(script, keys, args)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
     async def _load(self, script: Script) -> None:
         """SCRIPT LOAD once for every caller that met NOSCRIPT, inside a round trip.
 

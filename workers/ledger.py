@@ -249,10 +249,7 @@ class Ledger:
         return results
 
     async def script(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        result = await self._batch.script(script, keys, args)
-        if isinstance(result, Exception):
-            raise result
-        return result
+        return await self._batch.call(script, keys, args)
 
     async def load(self, event_ids: list[str], with_seen: bool = False) -> list[Loaded]:
         """Each event's record, delivery record and (when asked) batch token, one round trip."""
@@ -310,9 +307,7 @@ class Ledger:
         for sub, ids in plan.unpending.items():
             args += [sub, len(ids), *ids]
         args += [len(plan.drops), *plan.drops, len(taken), *taken]
-        result = await self._tasks.script(LEASE, (), args)
-        if isinstance(result, Exception):
-            raise result
+        await self._tasks.call(LEASE, (), args)
 
     async def pull(self, sub: str, most: int, lease_due: int) -> list[bytes]:
         """Take up to ``most`` parked attempts of ``sub``, oldest first; each becomes its own

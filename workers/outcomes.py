@@ -227,9 +227,7 @@ class Outcomes(Batcher[list[Any], Recorded]):
     async def _run(self, items: list[list[Any]]) -> list[Recorded]:
         prefix, retention = self._settings()
         blob = _encode([prefix, retention, LOG_LENGTH, *items])
-        result = await self._commit.script(OUTCOMES, (), (blob,))
-        if isinstance(result, Exception):
-            raise result
+        result = await self._commit.call(OUTCOMES, (), (blob,))
         out = [_NOTHING] * len(items)
         for i in range(0, len(result), 3):
             out[int(result[i]) - 1] = Recorded([text(t) for t in result[i + 1]],

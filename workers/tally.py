@@ -183,9 +183,7 @@ class Tally:
         if args is None:
             return
         try:
-            result = await commit.script(FLUSH, (), args)
-            if isinstance(result, Exception):
-                raise result
+            await commit.call(FLUSH, (), args)
         except BaseException:
             self.give_back()
             raise

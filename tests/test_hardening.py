@@ -475,8 +475,12 @@ def test_a_worker_holds_one_copy_of_an_event_for_every_subscriber_it_posts_it_to
     for name in names:
         sink.behave(f"/{name}", lambda n: Reply(200, delay=2.0))
     # Each subscriber holds 4 attempts (2 posted at once, 2 waiting); the rest are parked.
+    # The posts take 2 s: a timeout well past that. The tests' default (2 s) races them, and a
+    # post that times out is left to a retry no scheduler runs here (one was, in a full run).
     config = write_config(tmp_path / "relay.yaml", redis_server.url, [
         {"name": n, "url": sink.url(f"/{n}"), "secret": "s"} for n in names],
+        delivery={"timeout": "10s", "max_attempts": 5,
+                  "backoff": {"initial": "100ms", "max": "1s"}},
         worker={"max_in_flight": 12, "max_connections": 6})
     ids = [enqueue_event(redis_client, event_body(f"EVSHARE{i}")) for i in range(6)]
     pulled = {"EVSHARE4", "EVSHARE5"}

@@ -591,8 +591,8 @@ class Bench:
             "ingress_202_p50_ms": r["latency_ms"]["p50"],
             "ingress_202_p99_ms": r["latency_ms"]["p99"],
             "slow_windows": slow_windows(pairs),
-            # AOF rewrites Redis forked meanwhile: its child takes a core for a second or
-            # more, a tail's likeliest cause on 2 cores (docs/benchmarks.md).
+            # AOF rewrites Redis forked meanwhile: the child competes for the same cores,
+            # one of a tail's two causes seen on 2 cores (docs/benchmarks.md).
             "redis_forks": self.redis_forks() - forks_before,
         }
         if len(lat) < n * fanout:
@@ -1394,8 +1394,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sinks", type=int, default=1, help="sink processes")
     p.add_argument("--no-aof-rewrite", action="store_true",
                    help="redis-server without automatic AOF rewrites (auto-aof-rewrite-"
-                        "percentage 0): on 2 cores a rewrite's child takes a core for a "
-                        "second or more, the latency tail's usual cause")
+                        "percentage 0): on 2 cores a rewrite's child competes with the hub, "
+                        "one cause of the latency tail")
     p.add_argument("--phases", default=",".join(PHASES),
                    help="comma-separated subset of " + ",".join(PHASES) + " (steady: lone "
                         "events at a steady rate; obvious: the obvious design at fan-out 10; "

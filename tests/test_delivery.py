@@ -308,10 +308,18 @@ def test_redelivered_task_does_not_repeat_deliveries_that_succeeded(
         wait_until(lambda: all(redis_client.hget(keys.deliveries("EVDONE"), s) for s in "ab"),
                    10, what="done markers")
         # The same fan-out task again (as after a redelivery), and a retry message naming "a"
-        # at a later attempt (as a lease falling due after the success would be).
-        redis_client.lpush(keys.queue, deliver_message(keys.queue, "EVDONE", None, 1))
-        redis_client.lpush(keys.queue, deliver_message(keys.queue, "EVDONE", ["a"], 2))
-        # Control: "b" is made pending again; its delivery shows the tasks above have run.
+        # at a later attempt (as a lease falling due after the success would be). Each is
+        # noted in ``unclaimed`` as the scheduler notes what it queues: a task drops its note
+        # once its attempts are planned, which is how this test knows both have decided
+        # (the ack comes earlier, before the planning).
+        again = [deliver_message(keys.queue, "EVDONE", None, 1),
+                 deliver_message(keys.queue, "EVDONE", ["a"], 2)]
+        redis_client.zadd(keys.unclaimed, {m: int(time.time() * 1000) + 600_000 for m in again})
+        for message in again:
+            redis_client.lpush(keys.queue, message)
+        wait_until(lambda: redis_client.zcard(keys.unclaimed) == 0, 10,
+                   what="both tasks planned")
+        # Control: "b" is made pending again; its delivery shows the worker still delivers.
         redis_client.hdel(keys.deliveries("EVDONE"), "b")
         redis_client.lpush(keys.queue, deliver_message(keys.queue, "EVDONE", ["b"], 1))
         sink.wait_for("/b", 2)

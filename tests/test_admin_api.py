@@ -70,7 +70,8 @@ def subscribers(sink: Sink) -> list[dict[str, Any]]:
         sub("fa-bad", "failing", max_attempts=1),
         sub("rq", "replayq", max_attempts=1),
         sub("pg", "paging"),
-        sub("sl", "slow"),
+        # Its posts last 3 s: a window of three in-flight reports (one a second) on a busy box.
+        sub("sl", "slow", timeout="10s"),
     ]
 
 
@@ -84,7 +85,7 @@ class Hub:
         for path in ("/tl-dead", "/ta-dead", "/rp", "/pu", "/or-dead", "/fa-bad", "/rq"):
             self.sink.behave(path, lambda n: Reply(500))
         self.sink.behave_per_event("/ta-flaky", lambda event, n: Reply(500 if n == 1 else 200))
-        self.sink.behave("/sl", lambda n: Reply(200, delay=1.5))
+        self.sink.behave("/sl", lambda n: Reply(200, delay=3.0))
         self.path = write_config(tmp / "relay.yaml", redis_server.url, subscribers(self.sink),
                                  delivery={"timeout": "2s", "max_attempts": 5, "backoff": FAST},
                                  redis={"prefix": PREFIX}, admin={"token": TOKEN})

@@ -32,6 +32,8 @@ log = logging.getLogger("relay.clock")
 SAMPLES = 12
 #: A sample whose round trip took longer says too little about the offset.
 MAX_RTT = 0.25
+#: Round trips one measure may take to find a fast one.
+TRIES = 3
 #: Past this, the offset is logged (once per process, and again if it changes that much).
 WARN_OFFSET_MS = 1000
 #: An offset smaller than this is taken as none: a sample is only good to half its round trip
@@ -56,21 +58,32 @@ class Clock:
         return time.time() + self.offset_ms / 1000
 
     def measure(self, client: Any) -> None:
-        """One sample, from a synchronous redis-py client."""
-        before = time.time()
-        seconds, micros = client.time()
-        self._sample(before, time.time(), seconds, micros)
+        """Sample until one round trip is fast enough (at most ``TRIES``), from a synchronous
+        redis-py client."""
+        for attempt in range(1, TRIES + 1):
+            before = time.time()
+            seconds, micros = client.time()
+            if self._sample(before, time.time(), seconds, micros, last=attempt == TRIES):
+                return
 
     async def ameasure(self, client: Any) -> None:
-        """One sample, from an asyncio redis-py client."""
-        before = time.time()
-        seconds, micros = await client.time()
-        self._sample(before, time.time(), seconds, micros)
+        """``measure``, from an asyncio redis-py client."""
+        for attempt in range(1, TRIES + 1):
+            before = time.time()
+            seconds, micros = await client.time()
+            if self._sample(before, time.time(), seconds, micros, last=attempt == TRIES):
+                return
 
-    def _sample(self, before: float, after: float, seconds: int, micros: int) -> None:
+    def _sample(self, before: float, after: float, seconds: int, micros: int,
+                last: bool = False) -> bool:
+        """Keep one sample; False when its round trip was too slow to say much (measure
+        again). The ``last`` try of a process that has no sample yet is kept all the same:
+        a process's first round trip is often slow (it opens the connection, on a busy
+        host), and an offset good to half of it beats none, which left a host 20 s behind
+        writing its first notes and leases on its own clock."""
         rtt = after - before
-        if rtt > MAX_RTT:
-            return
+        if rtt > MAX_RTT and (self._samples or not last):
+            return False
         offset = (int(seconds) + int(micros) / 1e6 - (before + after) / 2) * 1000
         self._samples.append((rtt, offset))
         best = min(self._samples)[1]
@@ -81,6 +94,7 @@ class Clock:
             self._warned_at = self.offset_ms
             log.warning("this host's clock differs from Redis's; the hub uses Redis's time",
                         extra={"offset_ms": round(self.offset_ms)})
+        return rtt <= MAX_RTT
 
 
 #: This process's clock (each process measures its own: a prefork child after its fork).

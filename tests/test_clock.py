@@ -63,6 +63,23 @@ def test_a_skewed_process_takes_its_times_from_redis(redis_server: RedisServer) 
     assert abs(real - measured) < 1  # not after
 
 
+def test_a_skewed_process_whose_first_round_trip_is_slow_measures_again(
+        redis_server: RedisServer) -> None:
+    """A process's first ``TIME`` is often slow (it opens the connection, on a busy host):
+    such a sample says too little and was dropped, and the process went on 20 s behind until
+    its next measure (a worker's first ``known`` note looked stale to its peers). Here Redis
+    is paused for the first round trip; the measure tries again."""
+    port = redis_server.port
+    script = ("import redis; from relay import clock; "
+              f"c = redis.Redis(port={port}); c.ping(); "
+              f"redis.Redis(port={port}).execute_command('CLIENT', 'PAUSE', 400, 'ALL'); "
+              "clock.CLOCK.measure(c); print(clock.now())")
+    cmd, env = skewed([sys.executable, "-c", script])
+    out = subprocess.run(cmd, env={**os.environ, **env}, cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    assert abs(time.time() - float(out)) < 1
+
+
 def test_a_worker_behind_in_time_is_still_known_to_its_peers(
         redis_server: RedisServer, redis_client: redis.Redis, tmp_path: Path,
         sink: Sink) -> None:
@@ -130,6 +147,18 @@ def test_redis_time_offset_keeps_the_sample_with_the_shortest_round_trip() -> No
     assert round(c.offset_ms) == 3000
     c._sample(400.0, 401.0, 0, 0)            # a round trip of a second says nothing
     assert round(c.offset_ms) == 3000
+
+
+def test_a_slow_first_round_trip_is_kept_only_when_no_faster_one_comes() -> None:
+    c = clock.Clock()
+    assert c._sample(100.0, 100.4, 120, 200_000) is False   # rtt 400 ms: measure again
+    assert c.offset_ms == 0.0
+    c._sample(100.0, 100.4, 120, 200_000, last=True)          # none faster: kept, 20.0 s
+    assert round(c.offset_ms) == 20_000
+    assert c._sample(200.0, 200.01, 219, 905_000) is True    # rtt 10 ms: 19.9 s, and it wins
+    assert round(c.offset_ms) == 19_900
+    c._sample(300.0, 300.4, 0, 0, last=True)                  # slow, and a good one is at hand
+    assert round(c.offset_ms) == 19_900
 
 
 def test_an_offset_within_the_measuring_error_is_taken_as_none() -> None:

@@ -6,6 +6,7 @@ ingress's own store (its script decides the order) or posted to a real ingress."
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,32 @@ def test_turning_ordering_off_releases_every_waiting_event(
     assert not delivered(redis_client, "OFF1", "erp")   # still retrying
     assert redis_client.keys("relay:ordq:*") == []
     assert not redis_client.hget(KEYS.order_waiting, "erp")
+
+
+def test_released_events_left_by_a_killed_worker_are_taken_though_no_task_comes(
+        tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
+        sink: Sink) -> None:
+    """A worker killed right after an outcome released the next events (``ordready:{sub}``)
+    and before a lane claimed them leaves nothing queued or scheduled: a worker that has no
+    task to run must still take them (its delivery loop's puller), not wait for new traffic.
+    The released state is made with the hub's own release script once the fan-out task is
+    gone (taken by the worker that died); the head, which that worker was posting, is not
+    this test's."""
+    from relay import ordering
+
+    path = write_config(tmp_path / "relay.yaml", redis_server.url, [erp(sink)])
+    config = load_config(path)
+    enqueue_events(redis_client, [order_event(e, "im::order_shipped", ("20-L",))
+                                  for e in ("LEFT0", "LEFT1", "LEFT2")], config=config)
+    redis_client.delete(KEYS.queue, KEYS.unclaimed)
+    assert ordering.release_all(redis_client, KEYS, "erp", int(time.time() * 1000),
+                                config.redis.retention) == 2
+    with worker(path, tmp_path / "worker.log"):
+        wait_until(lambda: delivered(redis_client, "LEFT1", "erp")
+                   and delivered(redis_client, "LEFT2", "erp"), 15,
+                   what="the released events delivered")
+    assert sorted(receipts(sink, "/erp")) == ["LEFT1", "LEFT2"]
+    assert redis_client.zcard(KEYS.order_ready("erp")) == 0
 
 
 def test_a_removed_subscribers_waiting_events_are_dead_lettered_as_removed(

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 import kombu
@@ -257,6 +258,32 @@ def _child_signals(**_: Any) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _child.update(generation=_generation.value,
                   reloader=Reloader(live_config(), _apply_in_child, "worker child"))
+
+
+@signals.worker_process_init.connect
+def _start_engine_in_child(**_: Any) -> None:
+    """A prefork child starts its delivery loop at once, not with its first task: the loop's
+    puller takes released ordered events (``ordready:{sub}``) and parked attempts that a
+    worker killed after writing them left behind, and with nothing queued no task would ever
+    come to start it (seen in tests/fault/test_ordering_faults.py: an order's last events
+    waited for good). In a thread: the child must finish its start-up within billiard's
+    alive timeout whatever Redis does; a task arriving meanwhile shares the same engine."""
+    threading.Thread(target=_start_engine, name="relay-engine-start", daemon=True).start()
+
+
+@signals.worker_ready.connect
+def _start_engine_in_main(**_: Any) -> None:
+    """The solo and threads pools deliver in the main process: its loop starts at once too."""
+    if live_config().worker.pool != "prefork":
+        threading.Thread(target=_start_engine, name="relay-engine-start", daemon=True).start()
+
+
+def _start_engine() -> None:
+    try:
+        get_engine(live_config())
+    except Exception as exc:  # the first task starts it instead
+        log.warning("delivery loop not started before the first task",
+                    extra={"error": repr(exc)})
 
 
 def _catch_up() -> None:
